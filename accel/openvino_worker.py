@@ -1,0 +1,228 @@
+"""The OpenVINO GenAI engine loop, run in its own process.
+
+ContinuousBatchingPipeline.step() holds the GIL for the whole forward pass, so running it in the
+server process would freeze the event loop (no streaming, no health checks) while a batch runs.
+This process owns one pipeline and talks to the server over a multiprocessing Pipe:
+
+  server -> worker: ("add", request_id, payload) | ("abort", request_id) | ("shutdown",)
+  worker -> server: ("ready", model_info) | ("fatal", message)
+                    ("chunk", request_id, text, finish_reason, num_prompt, num_completion)
+                    ("error", request_id, kind, message)
+
+The loop is: take new commands -> one engine step -> read each request's new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from medserve.accel.text_stream import TextStream
+
+IDLE_POLL_S = 0.05
+
+
+@dataclass
+class WorkerConfig:
+    model_name: str
+    model_dir: str
+    device: str
+    kv_cache_gb: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    max_context_tokens: int
+    num_threads: int
+
+
+@dataclass
+class _Active:
+    handle: Any
+    stream: TextStream
+    num_prompt_tokens: int
+    num_generated: int = 0
+
+
+def worker_main(config: WorkerConfig, conn: Connection) -> None:
+    # The server handles Ctrl-C and tells us to shut down; dying mid-step on SIGINT would only
+    # turn a clean stop into a crash report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = _Engine(config)
+    except Exception as exc:  # report any load failure to the server instead of vanishing
+        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", engine.model_info()))
+    engine.run(conn)
+
+
+class _Engine:
+    def __init__(self, config: WorkerConfig) -> None:
+        import openvino_genai as ov_genai
+
+        self._ov_genai = ov_genai
+        self.config = config
+        model_dir = Path(config.model_dir)
+        self.manifest = json.loads((model_dir / "medserve.json").read_text(encoding="utf-8"))
+
+        scheduler = ov_genai.SchedulerConfig()
+        scheduler.cache_size = max(1, round(config.kv_cache_gb))
+        scheduler.max_num_seqs = config.max_num_seqs
+        scheduler.max_num_batched_tokens = config.max_num_batched_tokens
+        scheduler.enable_prefix_caching = config.enable_prefix_caching
+        scheduler.dynamic_split_fuse = True
+        properties: dict[str, Any] = {}
+        if config.num_threads > 0:
+            properties["INFERENCE_NUM_THREADS"] = config.num_threads
+        self.pipeline = ov_genai.ContinuousBatchingPipeline(
+            str(model_dir), scheduler, config.device, properties
+        )
+        self.tokenizer = self.pipeline.get_tokenizer()
+        self.default_config = self.pipeline.get_config()
+        self.context_length = min(
+            int(self.manifest.get("context_length") or config.max_context_tokens),
+            config.max_context_tokens,
+        )
+        self.active: dict[str, _Active] = {}
+        self._next_numeric_id = 0
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "name": self.config.model_name,
+            "architecture": self.manifest.get("architecture", "unknown"),
+            "precision": self.manifest.get("precision", "unknown"),
+            "context_length": self.context_length,
+            "pid": os.getpid(),
+        }
+
+    def run(self, conn: Connection) -> None:
+        while True:
+            # Block briefly when idle so an idle server costs no CPU; never block while
+            # requests are running.
+            timeout = 0.0 if self.active else IDLE_POLL_S
+            while conn.poll(timeout):
+                message = conn.recv()
+                if message[0] == "shutdown":
+                    self._abort_all(conn)
+                    return
+                self._handle(conn, message)
+                timeout = 0.0
+            if self.active:
+                self.pipeline.step()
+                self._collect(conn)
+
+    def _handle(self, conn: Connection, message: tuple[Any, ...]) -> None:
+        kind, request_id = message[0], message[1]
+        if kind == "abort":
+            active = self.active.pop(request_id, None)
+            if active is not None:
+                active.handle.drop()
+            return
+        if kind == "add":
+            try:
+                self._add(request_id, message[2])
+            except InvalidPromptError as exc:
+                conn.send(("error", request_id, "invalid_prompt", str(exc)))
+            except Exception as exc:
+                conn.send(("error", request_id, "backend", f"{type(exc).__name__}: {exc}"))
+
+    def _add(self, request_id: str, payload: dict[str, Any]) -> None:
+        ov_genai = self._ov_genai
+        if payload.get("messages") is not None:
+            prompt = self.tokenizer.apply_chat_template(
+                payload["messages"], add_generation_prompt=True
+            )
+            # The template already wrote any BOS/special tokens the model expects.
+            encoded = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            encoded = self.tokenizer.encode(payload["prompt"])
+        input_ids = encoded.input_ids
+        num_prompt = int(input_ids.get_shape()[-1])
+        if num_prompt == 0:
+            raise InvalidPromptError("prompt is empty after tokenization")
+        room = self.context_length - num_prompt
+        if room <= 0:
+            raise InvalidPromptError(
+                f"prompt is {num_prompt} tokens; this model accepts at most "
+                f"{self.context_length - 1} prompt tokens"
+            )
+
+        params = payload["params"]
+        config = ov_genai.GenerationConfig()
+        config.eos_token_id = self.default_config.eos_token_id
+        config.stop_token_ids = set(self.default_config.stop_token_ids)
+        config.max_new_tokens = min(int(params["max_tokens"]), room)
+        if params["temperature"] == 0.0:
+            config.do_sample = False
+        else:
+            config.do_sample = True
+            config.temperature = float(params["temperature"])
+            config.top_p = float(params["top_p"])
+            if params["top_k"] > 0:
+                config.top_k = int(params["top_k"])
+        if params.get("seed") is not None:
+            config.rng_seed = int(params["seed"])
+
+        numeric_id = self._next_numeric_id
+        self._next_numeric_id += 1
+        handle = self.pipeline.add_request(numeric_id, input_ids, config)
+        stream = TextStream(decode=self._decode, stop=tuple(params.get("stop") or ()))
+        self.active[request_id] = _Active(
+            handle=handle, stream=stream, num_prompt_tokens=num_prompt
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _collect(self, conn: Connection) -> None:
+        ov_genai = self._ov_genai
+        finished: list[str] = []
+        for request_id, active in self.active.items():
+            handle = active.handle
+            new_ids: list[int] = []
+            finish_reason: str | None = None
+            if handle.can_read():
+                for output in handle.read().values():
+                    new_ids.extend(output.generated_ids)
+                    if output.finish_reason == ov_genai.GenerationFinishReason.LENGTH:
+                        finish_reason = "length"
+                    elif output.finish_reason == ov_genai.GenerationFinishReason.STOP:
+                        finish_reason = "stop"
+            active.num_generated += len(new_ids)
+            text = active.stream.push(new_ids) if new_ids else ""
+            if active.stream.stopped:
+                handle.drop()  # a stop string matched: free the KV blocks now
+                finish_reason = "stop"
+            elif finish_reason is None and handle.get_status() != ov_genai.GenerationStatus.RUNNING:
+                finish_reason = "stop"
+            if finish_reason is not None:
+                text += active.stream.flush()
+                finished.append(request_id)
+            if text or finish_reason is not None:
+                conn.send(
+                    (
+                        "chunk",
+                        request_id,
+                        text,
+                        finish_reason,
+                        active.num_prompt_tokens,
+                        active.num_generated,
+                    )
+                )
+        for request_id in finished:
+            del self.active[request_id]
+
+    def _abort_all(self, conn: Connection) -> None:
+        for request_id, active in self.active.items():
+            active.handle.drop()
+            conn.send(("error", request_id, "backend", "server is shutting down"))
+        self.active.clear()
+
+
+class InvalidPromptError(Exception):
+    pass

@@ -1,0 +1,88 @@
+"""`medserve` command line: serve, setup, version."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from medserve.server.settings import SettingsError, default_home, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medserve", description="On-premise LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--config", type=Path, help="TOML settings file (or env MEDSERVE_CONFIG)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="default served model (folder name under models_dir)")
+    serve.add_argument("--models-dir", type=Path)
+
+    setup = commands.add_parser(
+        "setup", help="prepare the bundled model (download, verify, export)"
+    )
+    setup.add_argument("--home", type=Path, default=None, help="data folder (default ~/.medserve)")
+    setup.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "setup":
+        from medserve.installer.bundled_model import prepare_bundled_model
+
+        prepare_bundled_model(args.home or default_home(), progress=True, force=args.force)
+        return 0
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = args.config or (
+        Path(os.environ["MEDSERVE_CONFIG"]) if "MEDSERVE_CONFIG" in os.environ else None
+    )
+    try:
+        settings = load_settings(
+            config,
+            overrides={
+                "server": {"host": args.host, "port": args.port},
+                "engine": {"model": args.model, "models_dir": args.models_dir},
+            },
+        )
+    except SettingsError as exc:
+        print(f"medserve: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    model_dir = settings.engine.models_dir / settings.engine.model
+    if settings.engine.enabled and not (model_dir / "medserve.json").is_file():
+        print(
+            f"medserve: model {settings.engine.model!r} is not prepared in {model_dir}.\n"
+            f"  Run `medserve setup` for the bundled model, or set engine.models_dir / "
+            f"engine.model.",
+            file=sys.stderr,
+        )
+        return 2
+
+    import uvicorn
+    from medserve.server.app import create_app
+    from medserve.server.logging_setup import configure_logging
+
+    configure_logging(settings.server.log_level)
+    app = create_app(settings)
+    config_ = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config_)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+The path of a request reads top to bottom: decode and validate the body -> build a
+GenerationRequest -> ask the backend for the first chunk (so admission errors become proper
+HTTP statuses before any byte is sent) -> return JSON or stream SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.response import Stream
+from medserve.accel.base import (
+    BackendError,
+    BackendOverloaded,
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+)
+from medserve.server.errors import APIError
+from medserve.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_body,
+)
+from medserve.server.state import ServerState
+
+
+@get("/models")
+async def list_models(runtime: ServerState) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "medserve"}
+            for m in (runtime.backend.models() if runtime.backend else [])
+        ],
+    }
+
+
+@get("/models/{model_id:str}")
+async def get_model(runtime: ServerState, model_id: str) -> dict[str, Any]:
+    for m in runtime.require_backend().models():
+        if m.name == model_id:
+            return {"id": m.name, "object": "model", "created": m.created, "owned_by": "medserve"}
+    raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+
+
+@post("/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any], runtime: ServerState) -> Response[Any]:
+    body = decode_body(await request.body(), ChatCompletionRequest)
+    generation = GenerationRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        model=_resolve_model(runtime, body.model),
+        params=_sampling(runtime, body),
+        messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in body.messages),
+    )
+    return await _respond(
+        request, runtime, generation, body.stream, _include_usage(body), chat=True
+    )
+
+
+@post("/completions", status_code=200)
+async def completions(request: Request[Any, Any, Any], runtime: ServerState) -> Response[Any]:
+    body = decode_body(await request.body(), CompletionRequest)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    generation = GenerationRequest(
+        request_id=f"cmpl-{uuid.uuid4().hex}",
+        model=_resolve_model(runtime, body.model),
+        params=_sampling(runtime, body),
+        prompt=prompt,
+    )
+    return await _respond(
+        request, runtime, generation, body.stream, _include_usage(body), chat=False
+    )
+
+
+def _resolve_model(runtime: ServerState, requested: str | None) -> str:
+    if requested is None:
+        return runtime.default_model
+    if not runtime.require_backend().has_model(requested):
+        served = ", ".join(m.name for m in runtime.require_backend().models())
+        raise APIError(
+            404,
+            f"model {requested!r} does not exist; served models: {served}",
+            param="model",
+            code="model_not_found",
+        )
+    return requested
+
+
+def _sampling(
+    runtime: ServerState, body: ChatCompletionRequest | CompletionRequest
+) -> SamplingParams:
+    max_tokens = body.max_completion_tokens or body.max_tokens or runtime.default_max_tokens
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=body.stop_strings(),
+    )
+
+
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def _respond(
+    request: Request[Any, Any, Any],
+    runtime: ServerState,
+    generation: GenerationRequest,
+    stream: bool,
+    include_usage: bool,
+    *,
+    chat: bool,
+) -> Response[Any]:
+    usage = request.scope.setdefault("state", {}).setdefault("usage", {})
+    usage["model"] = generation.model
+    chunks = runtime.require_backend().generate(generation)
+    first = await _first_chunk(chunks, runtime.request_timeout_s)
+    builder = _Builder(generation, chat=chat, created=int(time.time()))
+    if not stream:
+        return Response(
+            await _collect(chunks, first, builder, usage, runtime.request_timeout_s),
+            status_code=200,
+        )
+    return Stream(
+        _sse(chunks, first, builder, usage, include_usage, runtime.request_timeout_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        status_code=200,
+    )
+
+
+async def _first_chunk(chunks: AsyncIterator[GenerationChunk], timeout_s: float) -> GenerationChunk:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(chunks)
+    except PromptTooLong as exc:
+        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except BackendOverloaded as exc:
+        raise APIError(503, str(exc), code="overloaded") from None
+    except BackendError as exc:
+        raise APIError(503, f"inference backend unavailable: {exc}", code="backend_error") from None
+    except TimeoutError:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise APIError(503, "generation timed out before the first token", code="timeout") from None
+
+
+async def _collect(
+    chunks: AsyncIterator[GenerationChunk],
+    first: GenerationChunk,
+    builder: _Builder,
+    usage: dict[str, Any],
+    timeout_s: float,
+) -> dict[str, Any]:
+    parts = [first.text]
+    last = first
+    try:
+        async with asyncio.timeout(timeout_s):
+            while last.finish_reason is None:
+                last = await anext(chunks)
+                parts.append(last.text)
+    except TimeoutError:
+        last = GenerationChunk("", "length", last.num_prompt_tokens, last.num_completion_tokens)
+    except BackendError as exc:
+        raise APIError(503, f"generation failed: {exc}", code="backend_error") from None
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    _record_usage(usage, last)
+    return builder.full("".join(parts), last)
+
+
+async def _sse(
+    chunks: AsyncIterator[GenerationChunk],
+    first: GenerationChunk,
+    builder: _Builder,
+    usage: dict[str, Any],
+    include_usage: bool,
+    timeout_s: float,
+) -> AsyncIterator[bytes]:
+    # aclosing: when the client disconnects, Litestar cancels this generator; closing the
+    # backend stream then sends the abort that frees the request's KV blocks.
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        if builder.chat:
+            yield _event(builder.delta_event(role=True))
+        chunk = first
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    if chunk.text:
+                        yield _event(builder.delta_event(text=chunk.text))
+                    if chunk.finish_reason is not None:
+                        break
+                    chunk = await anext(chunks)
+        except TimeoutError:
+            chunk = GenerationChunk(
+                "", "length", chunk.num_prompt_tokens, chunk.num_completion_tokens
+            )
+        except BackendError as exc:
+            usage["error"] = "backend_error"
+            yield _event(
+                {
+                    "error": {
+                        "message": f"generation failed: {exc}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "backend_error",
+                    }
+                }
+            )
+            yield b"data: [DONE]\n\n"
+            return
+        _record_usage(usage, chunk)
+        yield _event(builder.delta_event(finish_reason=chunk.finish_reason))
+        if include_usage:
+            yield _event(builder.usage_event(chunk))
+        yield b"data: [DONE]\n\n"
+
+
+def _record_usage(usage: dict[str, Any], last: GenerationChunk) -> None:
+    usage["prompt_tokens"] = last.num_prompt_tokens
+    usage["completion_tokens"] = last.num_completion_tokens
+    usage["finish_reason"] = last.finish_reason
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+class _Builder:
+    """Builds response bodies in the exact shapes the OpenAI clients parse."""
+
+    def __init__(self, generation: GenerationRequest, *, chat: bool, created: int) -> None:
+        self.id = generation.request_id
+        self.model = generation.model
+        self.chat = chat
+        self.created = created
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    @staticmethod
+    def _usage(chunk: GenerationChunk) -> dict[str, int]:
+        return {
+            "prompt_tokens": chunk.num_prompt_tokens,
+            "completion_tokens": chunk.num_completion_tokens,
+            "total_tokens": chunk.num_prompt_tokens + chunk.num_completion_tokens,
+        }
+
+    def full(self, text: str, last: GenerationChunk) -> dict[str, Any]:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+            body = self._envelope("chat.completion", [choice])
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+            body = self._envelope("text_completion", [choice])
+        body["usage"] = self._usage(last)
+        return body
+
+    def delta_event(
+        self, *, text: str = "", role: bool = False, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_event(self, last: GenerationChunk) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = self._usage(last)
+        return body
+
+
+openai_router = Router(
+    path="/v1", route_handlers=[list_models, get_model, chat_completions, completions]
+)

@@ -1,0 +1,252 @@
+"""One typed settings object for the whole server, read from TOML and then the environment.
+
+Precedence (last wins): dataclass defaults < TOML file < ``MEDSERVE_<SECTION>_<KEY>`` env vars.
+Every error names the offending key, where it came from and what would be accepted, because the
+person reading it is hospital IT at a console, not the author of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MEDSERVE_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, unknown or malformed."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("MEDSERVE_HOME", Path.home() / ".medserve")).expanduser()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    """Interface to bind.  Loopback by default: exposing it on the intranet is a deliberate act."""
+    port: int = 8000
+    max_body_bytes: int = 1_048_576
+    """Largest accepted request body; larger bodies get 413 before they are parsed."""
+    api_keys: tuple[str, ...] = ()
+    """Bearer tokens accepted on /v1/*.  Empty means no authentication (loopback-only installs)."""
+    docs: bool = False
+    """Serve the OpenAPI schema at /schema (JSON only: the HTML UIs load assets from a CDN)."""
+    log_level: str = "info"
+    request_timeout_s: float = 600.0
+    """Longest a single generation may run before it is aborted and its KV blocks freed."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    enabled: bool = True
+    """False runs the server without an LLM (e.g. a box that only hosts the case index)."""
+    model: str = "smollm2-135m-instruct"
+    """Name of the default served model: a folder under ``models_dir`` holding medserve.json."""
+    models_dir: Path = field(default_factory=lambda: default_home() / "models")
+    served_models: tuple[str, ...] = ()
+    """Extra model folders (names under models_dir) to serve beside ``model``."""
+    device: str = "CPU"
+    max_num_seqs: int = 8
+    """Sequences batched together per engine step."""
+    max_num_batched_tokens: int = 2048
+    kv_cache_gb: float = 1.0
+    """Memory reserved up front for the paged KV cache of each model."""
+    enable_prefix_caching: bool = True
+    max_queue: int = 64
+    """Requests waiting for the engine beyond this are refused with 503 instead of piling up."""
+    default_max_tokens: int = 256
+    max_context_tokens: int = 4096
+    num_threads: int = 0
+    """CPU inference threads; 0 lets OpenVINO decide (one per physical core)."""
+    startup_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class CasesSettings:
+    enabled: bool = True
+    data_dir: Path = field(default_factory=lambda: default_home() / "cases")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    cases: CasesSettings = field(default_factory=CasesSettings)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "engine": EngineSettings,
+    "cases": CasesSettings,
+}
+
+
+def load_settings(
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Build settings from an optional TOML file, the environment and explicit overrides.
+
+    ``overrides`` come from the command line (e.g. ``--port``) and win over everything else.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in SECTIONS}
+
+    if config_path is not None:
+        for section, values in _read_toml(config_path).items():
+            for key, value in values.items():
+                raw[section][key] = (value, f"{config_path} [{section}]")
+
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            env_name = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
+            if env_name in env:
+                raw[section][f.name] = (env[env_name], f"env {env_name}")
+    _reject_unknown_env(env)
+
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                raw[section][key] = (value, f"--{key.replace('_', '-')}")
+
+    built = {
+        section: _build_section(section, cls, raw[section]) for section, cls in SECTIONS.items()
+    }
+    settings = Settings(**built)
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise SettingsError(
+                f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise SettingsError(f"{path}: '{section}' must be a table ([{section}])")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key in values:
+            if key not in known:
+                raise SettingsError(
+                    f"{path}: unknown key {section}.{key}; valid keys in [{section}]: "
+                    f"{', '.join(sorted(known))}"
+                )
+    return data
+
+
+def _reject_unknown_env(env: Mapping[str, str]) -> None:
+    # MEDSERVE_HOME is read by default_home(); anything else under our prefix is a typo.
+    known = {"MEDSERVE_HOME", "MEDSERVE_CONFIG"}
+    for section, cls in SECTIONS.items():
+        known |= {
+            f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}" for f in dataclasses.fields(cls)
+        }
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise SettingsError(
+                f"unknown environment variable {name}; medserve reads MEDSERVE_<SECTION>_<KEY>, "
+                f"e.g. MEDSERVE_SERVER_PORT or MEDSERVE_ENGINE_MODEL"
+            )
+
+
+def _build_section(section: str, cls: type, values: dict[str, tuple[Any, str]]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, (value, origin) in values.items():
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{section}.{key} (from {origin}): {exc}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn a TOML value or an env string into the annotated type, or explain why not."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise ValueError(f"expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ValueError(f"expected a list (or comma-separated string), got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(item, item_type) for item in items)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported settings type {hint}")
+    raise TypeError(f"unsupported settings type {hint}")
+
+
+def _validate(settings: Settings) -> None:
+    s, e = settings.server, settings.engine
+    checks: list[tuple[bool, str]] = [
+        (1 <= s.port <= 65535, f"server.port must be 1-65535, got {s.port}"),
+        (
+            s.max_body_bytes >= 1024,
+            f"server.max_body_bytes must be >= 1024, got {s.max_body_bytes}",
+        ),
+        (
+            s.log_level in {"debug", "info", "warning", "error"},
+            f"server.log_level must be debug, info, warning or error, got {s.log_level!r}",
+        ),
+        (s.request_timeout_s > 0, "server.request_timeout_s must be > 0"),
+        (all(len(k) >= 16 for k in s.api_keys), "server.api_keys: each key needs >= 16 characters"),
+        (e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}"),
+        (e.kv_cache_gb > 0, f"engine.kv_cache_gb must be > 0, got {e.kv_cache_gb}"),
+        (e.max_queue >= 1, f"engine.max_queue must be >= 1, got {e.max_queue}"),
+        (e.default_max_tokens >= 1, "engine.default_max_tokens must be >= 1"),
+        (e.max_context_tokens >= 16, "engine.max_context_tokens must be >= 16"),
+        (e.num_threads >= 0, f"engine.num_threads must be >= 0, got {e.num_threads}"),
+        (
+            e.max_num_batched_tokens >= 64,
+            f"engine.max_num_batched_tokens must be >= 64, got {e.max_num_batched_tokens}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(message)

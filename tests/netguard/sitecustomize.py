@@ -1,0 +1,5 @@
+"""Loaded automatically by Python in test subprocesses whose PYTHONPATH holds this folder."""
+
+import loopback_only
+
+loopback_only.install()
