@@ -8,6 +8,7 @@ which drops the GenAI handle and frees its KV blocks in the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import threading
@@ -172,10 +173,8 @@ class _Worker:
 
     async def stop(self) -> None:
         if self.process.is_alive():
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 self.send(("shutdown",))
-            except (BrokenPipeError, OSError):
-                pass
             await asyncio.to_thread(self.process.join, 10)
             if self.process.is_alive():
                 self.process.kill()

@@ -112,8 +112,14 @@ class _Engine:
                     return
                 self._handle(conn, message)
                 timeout = 0.0
-            if self.active:
-                self.pipeline.step()
+            # Keep stepping after the last request was cancelled: the scheduler frees a
+            # cancelled request's KV blocks on its next step.
+            if self.active or self.pipeline.has_non_finished_requests():
+                try:
+                    self.pipeline.step()
+                except Exception as exc:  # a failed step poisons every running request
+                    self._fail_all(conn, f"engine step failed: {type(exc).__name__}: {exc}")
+                    continue
                 self._collect(conn)
 
     def _handle(self, conn: Connection, message: tuple[Any, ...]) -> None:
@@ -121,7 +127,7 @@ class _Engine:
         if kind == "abort":
             active = self.active.pop(request_id, None)
             if active is not None:
-                active.handle.drop()
+                active.handle.cancel()
             return
         if kind == "add":
             try:
@@ -180,47 +186,60 @@ class _Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _collect(self, conn: Connection) -> None:
-        ov_genai = self._ov_genai
         finished: list[str] = []
         for request_id, active in self.active.items():
-            handle = active.handle
-            new_ids: list[int] = []
-            finish_reason: str | None = None
-            if handle.can_read():
-                for output in handle.read().values():
-                    new_ids.extend(output.generated_ids)
-                    if output.finish_reason == ov_genai.GenerationFinishReason.LENGTH:
-                        finish_reason = "length"
-                    elif output.finish_reason == ov_genai.GenerationFinishReason.STOP:
-                        finish_reason = "stop"
-            active.num_generated += len(new_ids)
-            text = active.stream.push(new_ids) if new_ids else ""
-            if active.stream.stopped:
-                handle.drop()  # a stop string matched: free the KV blocks now
-                finish_reason = "stop"
-            elif finish_reason is None and handle.get_status() != ov_genai.GenerationStatus.RUNNING:
-                finish_reason = "stop"
-            if finish_reason is not None:
-                text += active.stream.flush()
+            try:
+                if self._collect_one(conn, request_id, active):
+                    finished.append(request_id)
+            except Exception as exc:  # one bad request must not take the others down
+                active.handle.cancel()
+                conn.send(("error", request_id, "backend", f"{type(exc).__name__}: {exc}"))
                 finished.append(request_id)
-            if text or finish_reason is not None:
-                conn.send(
-                    (
-                        "chunk",
-                        request_id,
-                        text,
-                        finish_reason,
-                        active.num_prompt_tokens,
-                        active.num_generated,
-                    )
-                )
         for request_id in finished:
             del self.active[request_id]
 
+    def _collect_one(self, conn: Connection, request_id: str, active: _Active) -> bool:
+        """Send the request's new text; True when the request is finished."""
+        ov_genai = self._ov_genai
+        handle = active.handle
+        new_ids: list[int] = []
+        finish_reason: str | None = None
+        if handle.can_read():
+            for output in handle.read().values():
+                new_ids.extend(output.generated_ids)
+                if output.finish_reason == ov_genai.GenerationFinishReason.LENGTH:
+                    finish_reason = "length"
+                elif output.finish_reason == ov_genai.GenerationFinishReason.STOP:
+                    finish_reason = "stop"
+        active.num_generated += len(new_ids)
+        text = active.stream.push(new_ids) if new_ids else ""
+        if active.stream.stopped:
+            handle.cancel()  # a stop string matched: free the KV blocks now
+            finish_reason = "stop"
+        elif finish_reason is None and handle.get_status() != ov_genai.GenerationStatus.RUNNING:
+            finish_reason = "stop"
+        if finish_reason is not None:
+            text += active.stream.flush()
+        if text or finish_reason is not None:
+            conn.send(
+                (
+                    "chunk",
+                    request_id,
+                    text,
+                    finish_reason,
+                    active.num_prompt_tokens,
+                    active.num_generated,
+                )
+            )
+        return finish_reason is not None
+
     def _abort_all(self, conn: Connection) -> None:
+        self._fail_all(conn, "server is shutting down")
+
+    def _fail_all(self, conn: Connection, reason: str) -> None:
         for request_id, active in self.active.items():
-            active.handle.drop()
-            conn.send(("error", request_id, "backend", "server is shutting down"))
+            active.handle.cancel()
+            conn.send(("error", request_id, "backend", reason))
         self.active.clear()
 
 
