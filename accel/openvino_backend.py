@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -44,6 +45,8 @@ class _Worker:
         self.info: ModelInfo | None = None
         self.alive = False
         self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._control: dict[str, asyncio.Queue[Any]] = {}
+        """Replies to control messages (stats), kept apart so they never count as load."""
         self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -108,13 +111,13 @@ class _Worker:
         # The process is gone: fail everything still waiting rather than hang the clients.
         self.alive = False
         self._ready.set()
-        for request_id in list(self._queues):
+        for request_id in [*self._queues, *self._control]:
             self._dispatch(request_id, ("error", request_id, "backend", "inference worker exited"))
         if self._fatal is None and self.info is not None:
             log.error("worker_exited", model=self.config.model_name, code=self.process.exitcode)
 
     def _dispatch(self, request_id: str, message: tuple[Any, ...]) -> None:
-        queue = self._queues.get(request_id)
+        queue = self._queues.get(request_id) or self._control.get(request_id)
         if queue is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(queue.put_nowait, message)
 
@@ -170,6 +173,21 @@ class _Worker:
 
     def in_flight(self) -> int:
         return len(self._queues)
+
+    async def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The engine's own view: running requests and KV-cache usage."""
+        token = f"stats-{uuid.uuid4().hex}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._control[token] = queue
+        try:
+            self.send(("stats", token))
+            async with asyncio.timeout(timeout_s):
+                message = await queue.get()
+        finally:
+            self._control.pop(token, None)
+        if message[0] != "stats":
+            raise BackendError(str(message[-1]))
+        return {"in_flight": self.in_flight(), **message[2]}
 
     async def stop(self) -> None:
         if self.process.is_alive():
@@ -230,6 +248,9 @@ class OpenVINOBackend:
 
     def in_flight(self) -> dict[str, int]:
         return {name: w.in_flight() for name, w in self._workers.items()}
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: await w.stats() for name, w in self._workers.items() if w.alive}
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         worker = self._workers.get(request.model)

@@ -4,10 +4,11 @@ ContinuousBatchingPipeline.step() holds the GIL for the whole forward pass, so r
 server process would freeze the event loop (no streaming, no health checks) while a batch runs.
 This process owns one pipeline and talks to the server over a multiprocessing Pipe:
 
-  server -> worker: ("add", request_id, payload) | ("abort", request_id) | ("shutdown",)
+  server -> worker: ("add", request_id, payload) | ("abort", request_id) | ("stats", token)
+                    ("shutdown",)
   worker -> server: ("ready", model_info) | ("fatal", message)
                     ("chunk", request_id, text, finish_reason, num_prompt, num_completion)
-                    ("error", request_id, kind, message)
+                    ("error", request_id, kind, message) | ("stats", token, stats)
 
 The loop is: take new commands -> one engine step -> read each request's new tokens.
 """
@@ -124,6 +125,9 @@ class _Engine:
 
     def _handle(self, conn: Connection, message: tuple[Any, ...]) -> None:
         kind, request_id = message[0], message[1]
+        if kind == "stats":
+            conn.send(("stats", request_id, self._stats()))
+            return
         if kind == "abort":
             active = self.active.pop(request_id, None)
             if active is not None:
@@ -181,6 +185,20 @@ class _Engine:
         self.active[request_id] = _Active(
             handle=handle, stream=stream, num_prompt_tokens=num_prompt
         )
+
+    def _stats(self) -> dict[str, Any]:
+        if not self.active:
+            # GenAI computes metrics at the start of a step; an idle step makes them current
+            # (e.g. shows the blocks of a just-cancelled request as freed).
+            self.pipeline.step()
+        metrics = self.pipeline.get_metrics()
+        return {
+            "running_requests": len(self.active),
+            "engine_requests": int(metrics.requests),
+            "kv_cache_usage": float(metrics.cache_usage),
+            "kv_cache_max_usage": float(metrics.max_cache_usage),
+            "kv_cache_bytes": int(metrics.kv_cache_size_in_bytes),
+        }
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -45,6 +45,12 @@ async def ready(runtime: ServerState) -> Response[Any]:
     )
 
 
+@get("/metrics", include_in_schema=False)
+async def metrics(runtime: ServerState) -> dict[str, Any]:
+    """Per-model load: requests in flight, requests inside the engine, KV-cache usage (0-1)."""
+    return {"models": await runtime.backend.stats() if runtime.backend else {}}
+
+
 def build_backend(settings: Settings) -> OpenVINOBackend:
     engine = settings.engine
     names = [engine.model, *[n for n in engine.served_models if n != engine.model]]
@@ -76,7 +82,7 @@ def create_app(settings: Settings) -> Litestar:
         default_max_tokens=settings.engine.default_max_tokens,
         request_timeout_s=settings.server.request_timeout_s,
     )
-    route_handlers: list[Any] = [health, ready, openai_router]
+    route_handlers: list[Any] = [health, ready, metrics, openai_router]
     components: list[Any] = []
     if backend is not None:
         components.append(backend)

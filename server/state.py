@@ -21,7 +21,8 @@ class ServerState:
     def require_backend(self) -> OpenVINOBackend:
         if self.backend is None:
             raise APIError(
-                404, "this server runs without a language model (engine.enabled = false)",
+                404,
+                "this server runs without a language model (engine.enabled = false)",
                 code="model_not_found",
             )
         return self.backend

@@ -39,7 +39,9 @@ def models_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llm_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def llm_server(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One real medserve server on the bundled model, shared by the API tests."""
     log_dir = tmp_path_factory.mktemp("llm_server")
     with ServerProcess.start(
@@ -48,6 +50,8 @@ def llm_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             "MEDSERVE_ENGINE_MODELS_DIR": str(models_dir),
             "MEDSERVE_ENGINE_MAX_NUM_SEQS": "4",
             "MEDSERVE_ENGINE_KV_CACHE_GB": "1",
+            # off so that freed KV blocks read as zero usage in the disconnect test
+            "MEDSERVE_ENGINE_ENABLE_PREFIX_CACHING": "false",
             "MEDSERVE_SERVER_MAX_BODY_BYTES": "65536",
             "MEDSERVE_CASES_ENABLED": "false",
         },

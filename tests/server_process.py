@@ -40,7 +40,9 @@ class ServerProcess:
         full_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MEDSERVE_")},
             **env,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")])
+            ),
             "MEDSERVE_SERVER_PORT": str(port),
             "MEDSERVE_SERVER_HOST": "127.0.0.1",
         }

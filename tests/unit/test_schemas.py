@@ -33,7 +33,10 @@ def test_valid_chat_request_with_text_parts_and_unknown_fields() -> None:
         ('{"messages": []}', "messages"),
         ('{"model": "m"}', None),
         ('{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
-        ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', "stop"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}',
+            "stop",
+        ),
     ],
 )
 def test_invalid_chat_requests_are_400_with_param(body: str, param: str | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medserve.accel.text_stream import TextStream
 
+
 # A toy tokenizer: each id is one UTF-8 byte, so multi-byte characters span several tokens.
 def _decode(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
