@@ -37,42 +37,54 @@ _DONE = object()
 
 
 class _Worker:
-    """The server-side half of one worker process."""
+    """The server-side half of one worker process; restarts the process if it dies."""
 
     def __init__(self, config: WorkerConfig, max_in_flight: int) -> None:
         self.config = config
         self.max_in_flight = max_in_flight
         self.info: ModelInfo | None = None
         self.alive = False
+        self.restarts = 0
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._control: dict[str, asyncio.Queue[Any]] = {}
         """Replies to control messages (stats), kept apart so they never count as load."""
         self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._fatal: str | None = None
+        self._stopping = False
+        self._startup_timeout_s = 600.0
+        self._spawn()
+
+    def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe(duplex=True)
+        self._ready = threading.Event()
+        self._fatal: str | None = None
         self.process = context.Process(
             target=worker_main,
-            args=(config, child_conn),
-            name=f"medserve-ov-{config.model_name}",
+            args=(self.config, child_conn),
+            name=f"medserve-ov-{self.config.model_name}",
             daemon=True,
         )
         self._child_conn: Connection = child_conn
 
     async def start(self, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
+        self._startup_timeout_s = timeout_s
         self.process.start()
         self._child_conn.close()  # the child holds its own copy; ours would keep EOF away
+        conn = self._conn
         threading.Thread(
-            target=self._read_loop, name=f"ov-reader-{self.config.model_name}", daemon=True
+            target=self._read_loop,
+            args=(conn,),
+            name=f"ov-reader-{self.config.model_name}",
+            daemon=True,
         ).start()
         started = time.monotonic()
         ready = await asyncio.to_thread(self._ready.wait, timeout_s)
         if self._fatal is not None:
             raise BackendError(f"model {self.config.model_name!r} failed to load: {self._fatal}")
         if not ready:
+            self.process.kill()
             raise BackendError(
                 f"model {self.config.model_name!r} did not load within {timeout_s:.0f} s "
                 f"(raise engine.startup_timeout_s)"
@@ -84,10 +96,10 @@ class _Worker:
             pid=self.process.pid,
         )
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, conn: Connection) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
                 break
             kind = message[0]
@@ -109,12 +121,34 @@ class _Worker:
             else:
                 self._dispatch(message[1], message)
         # The process is gone: fail everything still waiting rather than hang the clients.
+        was_serving = self.alive
         self.alive = False
         self._ready.set()
         for request_id in [*self._queues, *self._control]:
             self._dispatch(request_id, ("error", request_id, "backend", "inference worker exited"))
-        if self._fatal is None and self.info is not None:
+        if was_serving and not self._stopping and self._loop is not None:
             log.error("worker_exited", model=self.config.model_name, code=self.process.exitcode)
+            asyncio.run_coroutine_threadsafe(self._restart(), self._loop)
+
+    async def _restart(self) -> None:
+        """Bring a crashed worker back, backing off so a crash loop does not spin the CPU."""
+        while not self._stopping:
+            delay = min(30.0, 2.0**self.restarts)
+            self.restarts += 1
+            log.warning(
+                "worker_restarting",
+                model=self.config.model_name,
+                in_seconds=delay,
+                restarts=self.restarts,
+            )
+            await asyncio.sleep(delay)
+            await asyncio.to_thread(self.process.join, 5)
+            self._spawn()
+            try:
+                await self.start(self._startup_timeout_s)
+                return
+            except BackendError as exc:
+                log.error("worker_restart_failed", model=self.config.model_name, error=str(exc))
 
     def _dispatch(self, request_id: str, message: tuple[Any, ...]) -> None:
         queue = self._queues.get(request_id) or self._control.get(request_id)
@@ -187,9 +221,10 @@ class _Worker:
             self._control.pop(token, None)
         if message[0] != "stats":
             raise BackendError(str(message[-1]))
-        return {"in_flight": self.in_flight(), **message[2]}
+        return {"in_flight": self.in_flight(), "restarts": self.restarts, **message[2]}
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.process.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
                 self.send(("shutdown",))

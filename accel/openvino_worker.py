@@ -193,6 +193,7 @@ class _Engine:
             self.pipeline.step()
         metrics = self.pipeline.get_metrics()
         return {
+            "pid": os.getpid(),
             "running_requests": len(self.active),
             "engine_requests": int(metrics.requests),
             "kv_cache_usage": float(metrics.cache_usage),

@@ -67,16 +67,20 @@ def repair_smollm2_tokenizer(hf_dir: Path) -> None:
     hf_dir = Path(hf_dir)
     saved = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab: dict[str, int] = saved["model"]["vocab"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-              for m in saved["model"]["merges"]]  # fmt: skip
+    merges = [
+        tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in saved["model"]["merges"]
+    ]
     # No unk and no byte fallback: a byte-level vocab covers every byte, and the <0xNN>
     # fallback tokens do not exist in it.
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    tokenizer = Tokenizer(bpe)
     # llama.cpp's "smollm" pre-tokenizer: every digit alone, then the GPT-2 byte-level regex.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])  # fmt: skip
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no BOS
     tokenizer.decoder = decoders.ByteLevel()
     # Keep the real special tokens (<|endoftext|>, <|im_start|>, ...), drop the CodeLlama
@@ -95,8 +99,14 @@ def repair_smollm2_tokenizer(hf_dir: Path) -> None:
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = SMOLLM2_CHAT_TEMPLATE
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "tokenizer.model", "added_tokens.json"):  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "added_tokens.json",
+    ):
         (hf_dir / name).unlink(missing_ok=True)
     fast.save_pretrained(hf_dir)
 
@@ -138,8 +148,10 @@ def verify_smollm2_tokenizer(hf_dir: Path) -> None:
         decoded = tokenizer.decode(with_specials)
         if decoded != text:
             raise fail(f"{text!r} does not round-trip: decodes to {decoded!r}")
-    for messages in (list(CHECK_MESSAGES), [{"role": "system", "content": "Be brief."},
-                                            *CHECK_MESSAGES]):  # fmt: skip
+    for messages in (
+        list(CHECK_MESSAGES),
+        [{"role": "system", "content": "Be brief."}, *CHECK_MESSAGES],
+    ):
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if prompt != chatml_prompt(messages):
             raise fail(f"chat template renders {prompt!r}, expected {chatml_prompt(messages)!r}")

@@ -48,11 +48,16 @@ def export_openvino(
     if weight_format != "int4" and group_size is not None:
         raise ValueError(f"group_size={group_size} only applies to int4, not {weight_format}")
     command = [
-        *_optimum_cli(), "export", "openvino",
-        "--model", str(hf_dir),
-        "--task", "text-generation-with-past",
-        "--weight-format", weight_format,
-    ]  # fmt: skip
+        *_optimum_cli(),
+        "export",
+        "openvino",
+        "--model",
+        str(hf_dir),
+        "--task",
+        "text-generation-with-past",
+        "--weight-format",
+        weight_format,
+    ]
     if weight_format == "int4":
         size = group_size or _int4_group_size(hf_dir)
         command += ["--group-size", str(size), "--group-size-fallback", "adjust"]
