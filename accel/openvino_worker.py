@@ -50,9 +50,11 @@ class _Active:
 
 
 def worker_main(config: WorkerConfig, conn: Connection) -> None:
-    # The server handles Ctrl-C and tells us to shut down; dying mid-step on SIGINT would only
-    # turn a clean stop into a crash report.
+    # The server handles Ctrl-C and SIGTERM and then tells us to shut down.  systemd (and
+    # `timeout`, and a terminal's Ctrl-C) signal the whole process group at once; dying
+    # mid-step on that signal would turn a clean stop into a crash and a restart.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = _Engine(config)
     except Exception as exc:  # report any load failure to the server instead of vanishing
@@ -106,13 +108,15 @@ class _Engine:
             # Block briefly when idle so an idle server costs no CPU; never block while
             # requests are running.
             timeout = 0.0 if self.active else IDLE_POLL_S
-            while conn.poll(timeout):
-                message = conn.recv()
+            try:
+                messages = _drain(conn, timeout)
+            except (EOFError, OSError):
+                return  # the server is gone (even kill -9): nothing left to serve
+            for message in messages:
                 if message[0] == "shutdown":
                     self._abort_all(conn)
                     return
                 self._handle(conn, message)
-                timeout = 0.0
             # Keep stepping after the last request was cancelled: the scheduler frees a
             # cancelled request's KV blocks on its next step.
             if self.active or self.pipeline.has_non_finished_requests():
@@ -260,6 +264,14 @@ class _Engine:
             active.handle.cancel()
             conn.send(("error", request_id, "backend", reason))
         self.active.clear()
+
+
+def _drain(conn: Connection, timeout: float) -> list[tuple[Any, ...]]:
+    """Every message waiting on the pipe, waiting up to ``timeout`` for the first one."""
+    messages = []
+    while conn.poll(timeout if not messages else 0):
+        messages.append(conn.recv())
+    return messages
 
 
 class InvalidPromptError(Exception):

@@ -119,5 +119,8 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         openapi_config=openapi,
         request_max_body_size=settings.server.max_body_bytes,
+        # Logging is configured by server/logging_setup.py; Litestar's default config would
+        # replace the root handler with its own plain-text format.
+        logging_config=None,
         debug=False,
     )
