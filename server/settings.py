@@ -73,6 +73,74 @@ class EngineSettings:
 class CasesSettings:
     enabled: bool = True
     data_dir: Path = field(default_factory=lambda: default_home() / "cases")
+    """SQLite database (the source of truth) and the derived hnswlib index snapshot."""
+    max_batch: int = 128
+    """Cases per POST /v1/cases, and inputs per POST /v1/embeddings."""
+    max_text_chars: int = 20_000
+    """Longest case or query text; embedding cost grows with length (512-token windows)."""
+    max_k: int = 100
+    """Most results one search may ask for."""
+    hnsw_m: int = 16
+    """Graph degree: recall and memory grow with it (about 8*M bytes per case)."""
+    hnsw_ef_construction: int = 100
+    """Build-time beam width: a better graph for a slower ingest."""
+    hnsw_ef_search: int = 64
+    """Search-time beam width (raised to k when k is larger): recall against latency."""
+    exact_search_max: int = 20_000
+    """Filtered searches matching at most this many cases are scored exactly, not via the graph
+    (a selective filter makes the graph walk visit most of the index for few hits)."""
+    initial_capacity: int = 10_000
+    """Index slots allocated up front; the index doubles when full."""
+    snapshot_interval_s: float = 300.0
+    """How often a changed index is saved; after a crash, changes since the last snapshot are
+    replayed from SQLite at start-up, so this bounds recovery work, not durability."""
+    embed_threads: int = 1
+    """OpenMP threads for the embedding model (1 leaves the other cores to the LLM)."""
+    build_threads: int = 0
+    """Threads for a full index rebuild at start-up; 0 uses every core."""
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (1 <= self.max_batch <= 10_000, f"cases.max_batch must be 1-10000, got {self.max_batch}"),
+            (
+                self.max_text_chars >= 100,
+                f"cases.max_text_chars must be >= 100, got {self.max_text_chars}",
+            ),
+            (1 <= self.max_k <= 1000, f"cases.max_k must be 1-1000, got {self.max_k}"),
+            (4 <= self.hnsw_m <= 96, f"cases.hnsw_m must be 4-96, got {self.hnsw_m}"),
+            (
+                self.hnsw_ef_construction >= self.hnsw_m,
+                f"cases.hnsw_ef_construction must be >= hnsw_m ({self.hnsw_m}), "
+                f"got {self.hnsw_ef_construction}",
+            ),
+            (
+                self.hnsw_ef_search >= 1,
+                f"cases.hnsw_ef_search must be >= 1, got {self.hnsw_ef_search}",
+            ),
+            (
+                self.exact_search_max >= 0,
+                f"cases.exact_search_max must be >= 0, got {self.exact_search_max}",
+            ),
+            (
+                self.initial_capacity >= 1,
+                f"cases.initial_capacity must be >= 1, got {self.initial_capacity}",
+            ),
+            (
+                self.snapshot_interval_s > 0,
+                f"cases.snapshot_interval_s must be > 0, got {self.snapshot_interval_s}",
+            ),
+            (
+                1 <= self.embed_threads <= 256,
+                f"cases.embed_threads must be 1-256, got {self.embed_threads}",
+            ),
+            (
+                self.build_threads >= 0,
+                f"cases.build_threads must be >= 0, got {self.build_threads}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
 
 
 @dataclass(frozen=True)
