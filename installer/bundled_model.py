@@ -34,7 +34,6 @@ from medserve.quant.export import (
     WeightFormat,
     export_openvino,
     is_valid_model_dir,
-    read_manifest,
     staged_dir,
     verify_ov_tokenizer,
     write_manifest,
@@ -88,10 +87,7 @@ def prepare_bundled_model(home: Path, *, progress: bool = True, force: bool = Fa
         for variant in VARIANTS:
             model_dir = home / "models" / variant.name
             if force or not is_valid_model_dir(model_dir):
-                with report.step(f"export OpenVINO IR {variant.precision} -> {model_dir}"):
-                    _build_variant(hf_dir, model_dir, variant, progress=progress)
-                answer = (read_manifest(model_dir) or {}).get("sanity", {}).get("answer")
-                report.line(f"  {variant.name} answers {SANITY_QUESTION!r}: {answer!r}")
+                _build_variant(hf_dir, model_dir, variant, report)
             else:
                 report.skip(f"OpenVINO IR {variant.precision}", model_dir)
             outputs.append(model_dir)
@@ -229,7 +225,7 @@ def _build_hf_dir(gguf: Path, hf_dir: Path) -> None:
         (stage / HF_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
 
 
-def _build_variant(hf_dir: Path, model_dir: Path, variant: Variant, *, progress: bool) -> None:
+def _build_variant(hf_dir: Path, model_dir: Path, variant: Variant, report: _Reporter) -> None:
     from medserve.models.tokenizer_repair import (
         CHECK_MESSAGES,
         ROUND_TRIP_SAMPLES,
@@ -237,14 +233,17 @@ def _build_variant(hf_dir: Path, model_dir: Path, variant: Variant, *, progress:
     )
 
     with staged_dir(model_dir) as stage:
-        export_openvino(hf_dir, stage, variant.precision, progress=progress)
-        verify_ov_tokenizer(
-            stage,
-            samples=ROUND_TRIP_SAMPLES,
-            messages=CHECK_MESSAGES,
-            expected_prompt=chatml_prompt(CHECK_MESSAGES),
-        )
-        answer = _sanity_answer(stage)
+        with report.step(f"export OpenVINO IR {variant.precision} -> {model_dir}"):
+            export_openvino(hf_dir, stage, variant.precision, progress=report.enabled)
+        with report.step(f"check {variant.name}: tokenizer IR round trip, chat template, answer"):
+            verify_ov_tokenizer(
+                stage,
+                samples=ROUND_TRIP_SAMPLES,
+                messages=CHECK_MESSAGES,
+                expected_prompt=chatml_prompt(CHECK_MESSAGES),
+            )
+            answer = _sanity_answer(stage)
+        report.line(f"  {variant.name} answers {SANITY_QUESTION!r}: {answer!r}")
         if SANITY_EXPECTED not in answer:
             raise BundledModelError(
                 f"{variant.name} answered {SANITY_QUESTION!r} with {answer!r} "

@@ -10,7 +10,6 @@ from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-
 from medserve.accel.openvino_backend import OpenVINOBackend
 from medserve.accel.openvino_worker import WorkerConfig
 from medserve.server.access_log import AccessLogMiddleware

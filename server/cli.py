@@ -11,6 +11,12 @@ from medserve.server.settings import SettingsError, default_home, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark owns its flags; it only talks HTTP, so it needs none of the server.
+        from medserve.benchmarks.llm_bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medserve", description="On-premise LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -20,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--model", help="default served model (folder name under models_dir)")
     serve.add_argument("--models-dir", type=Path)
+
+    commands.add_parser("bench", help="benchmark a running server (see `medserve bench -h`)")
 
     setup = commands.add_parser(
         "setup", help="prepare the bundled model (download, verify, export)"

@@ -101,7 +101,10 @@ class CasesSettings:
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
-            (1 <= self.max_batch <= 10_000, f"cases.max_batch must be 1-10000, got {self.max_batch}"),
+            (
+                1 <= self.max_batch <= 10_000,
+                f"cases.max_batch must be 1-10000, got {self.max_batch}",
+            ),
             (
                 self.max_text_chars >= 100,
                 f"cases.max_text_chars must be >= 100, got {self.max_text_chars}",

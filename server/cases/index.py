@@ -1,0 +1,371 @@
+"""The hnswlib index: a derived, disposable copy of the vectors in SQLite.
+
+Snapshot protocol (crash-safe without ever trusting a half-written file):
+
+1. ``dump`` writes the graph to ``index-<seq>.hnsw.tmp`` (caller blocks writers meanwhile, so
+   the file is exactly the database at ``seq``; searches continue).
+2. ``publish`` checksums it, fsyncs, renames it to ``index-<seq>.hnsw``, then atomically
+   replaces ``index.json`` (the manifest: file name, sha256, size, seq, parameters), fsyncs the
+   directory and removes older snapshots.
+
+The manifest only ever names a complete, fsynced file, so a crash at any step leaves either the
+old snapshot or the new one.  ``load`` verifies size and sha256 *before* handing the file to
+hnswlib, whose loader trusts its input and can crash the process on a corrupt file.
+
+Thread safety: searches, inserts and deletes share the index (hnswlib supports concurrent
+inserts and queries); resizing reallocates its memory and takes the lock exclusively.  The
+caller serialises mutations among themselves and with ``dump``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+MANIFEST = "index.json"
+_FORMAT = 1
+
+
+class IndexUnusable(Exception):
+    """No trustworthy snapshot on disk; the message says why (for the log, no case data)."""
+
+
+class SearchIncomplete(Exception):
+    """The graph walk found fewer results than asked (heavily deleted or filtered region)."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    dim: int
+    m: int = 16
+    ef_construction: int = 100
+    ef_search: int = 64
+    threads: int = 2
+    """Threads for batch inserts (a single insert always uses one)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    label: int
+    score: float
+    """Cosine similarity, 1.0 for identical direction."""
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class VectorIndex:
+    def __init__(self, params: IndexParams, index: hnswlib.Index) -> None:
+        self.params = params
+        self._index = index
+        self._index.set_ef(params.ef_search)
+        self._lock = RWLock()
+
+    @classmethod
+    def create(cls, params: IndexParams, capacity: int) -> VectorIndex:
+        index = hnswlib.Index(space="cosine", dim=params.dim)
+        # allow_replace_deleted: new cases reuse the slots of deleted ones, so memory tracks the
+        # live count instead of every case ever stored.
+        index.init_index(
+            max_elements=max(capacity, 1),
+            M=params.m,
+            ef_construction=params.ef_construction,
+            random_seed=100,
+            allow_replace_deleted=True,
+        )
+        return cls(params, index)
+
+    @classmethod
+    def load(cls, directory: Path, params: IndexParams) -> tuple[VectorIndex, int]:
+        """The last published snapshot and the seq it reflects, or IndexUnusable."""
+        manifest_path = directory / MANIFEST
+        if not manifest_path.exists():
+            raise IndexUnusable("no index snapshot")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            name, digest, size = manifest["file"], manifest["sha256"], int(manifest["size"])
+            seq = int(manifest["seq"])
+            if manifest.get("format") != _FORMAT or "/" in name or name.startswith("."):
+                raise ValueError("unknown manifest format")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IndexUnusable(f"unreadable manifest ({type(exc).__name__})") from None
+        wanted = {"dim": params.dim, "m": params.m, "ef_construction": params.ef_construction}
+        found = {key: manifest.get(key) for key in wanted}
+        if found != wanted:
+            raise IndexUnusable(f"snapshot built with {found}, settings ask for {wanted}")
+        path = directory / name
+        try:
+            actual_size = path.stat().st_size
+        except OSError:
+            raise IndexUnusable("snapshot file missing") from None
+        if actual_size != size:
+            raise IndexUnusable(f"snapshot size {actual_size} != {size} in the manifest")
+        if _sha256(path) != digest:
+            raise IndexUnusable("snapshot checksum mismatch")
+        index = hnswlib.Index(space="cosine", dim=params.dim)
+        try:
+            index.load_index(str(path), max_elements=0, allow_replace_deleted=True)
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise IndexUnusable(f"hnswlib cannot load the snapshot ({type(exc).__name__})") from None
+        return cls(params, index), seq
+
+    # -- size -----------------------------------------------------------------------------
+
+    @property
+    def slots_used(self) -> int:
+        """Slots holding a vector, deleted ones included (they are reused by later inserts)."""
+        return int(self._index.get_current_count())
+
+    @property
+    def capacity(self) -> int:
+        return int(self._index.get_max_elements())
+
+    def labels(self) -> np.ndarray:
+        """Every label in the graph, including ones marked deleted."""
+        with self._lock.read():
+            return np.asarray(self._index.get_ids_list(), dtype=np.int64)
+
+    # -- mutations (caller serialises) ----------------------------------------------------
+
+    def add(self, vectors: np.ndarray, labels: np.ndarray, *, existing: np.ndarray) -> None:
+        """Inserts new labels and overwrites the vectors of ``existing`` ones (updates)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        labels = np.asarray(labels, dtype=np.int64)
+        existing = np.asarray(existing, dtype=bool)
+        fresh = ~existing
+        self._ensure_capacity(int(fresh.sum()))
+        with self._lock.read():
+            if fresh.any():
+                # replace_deleted only for brand-new labels: for a label already in the graph it
+                # would move the label to a vacant slot and leave the old slot live.
+                self._index.add_items(
+                    vectors[fresh], labels[fresh], num_threads=self.params.threads,
+                    replace_deleted=True,
+                )
+            for row in np.flatnonzero(existing):
+                self._update(vectors[row], int(labels[row]))
+
+    def mark_deleted(self, label: int) -> bool:
+        """False when the label is unknown or already deleted."""
+        with self._lock.read():
+            try:
+                self._index.mark_deleted(int(label))
+            except RuntimeError:
+                return False
+            return True
+
+    def unmark_deleted(self, label: int) -> None:
+        with self._lock.read(), contextlib.suppress(RuntimeError):
+            self._index.unmark_deleted(int(label))
+
+    def _update(self, vector: np.ndarray, label: int) -> None:
+        try:
+            self._index.add_items(vector[None, :], np.array([label]), num_threads=1)
+        except RuntimeError:
+            # A deleted slot cannot be updated while replacement is enabled: revive it first.
+            self._index.unmark_deleted(label)
+            self._index.add_items(vector[None, :], np.array([label]), num_threads=1)
+
+    def _ensure_capacity(self, n_new: int) -> None:
+        needed = self.slots_used + n_new
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        with self._lock.write():
+            self._index.resize_index(new_capacity)
+
+    # -- search ---------------------------------------------------------------------------
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        exclude: int | None = None,
+        exact_max: int = 0,
+        live_count: int | None = None,
+    ) -> list[Hit]:
+        """The k nearest cases; ``allowed`` is a boolean mask indexed by label.
+
+        With a mask, the predicate runs inside the hnswlib graph walk, so k hits come back
+        whenever k allowed cases exist (a post-filter would return fewer).  Masks matching at
+        most ``exact_max`` cases are scored exactly instead: cheaper, and exact.
+        Raises SearchIncomplete when an unfiltered walk cannot find k live cases.
+        """
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if allowed is not None:
+            if exclude is not None and exclude < len(allowed) and allowed[exclude]:
+                allowed = allowed.copy()
+                allowed[exclude] = False
+            matching = int(allowed.sum())
+            want = min(k, matching)
+            if want == 0:
+                return []
+            if matching <= exact_max:
+                return self.exact(query[0], np.flatnonzero(allowed), want)
+            buffer, size = allowed.view(np.uint8).tobytes(), len(allowed)
+
+            def predicate(label: int) -> bool:
+                # Labels inserted after the mask was built are outside it: not allowed.
+                return label < size and buffer[label] == 1
+
+            try:
+                return self._knn(query, want, predicate)
+            except SearchIncomplete:
+                return self.exact(query[0], np.flatnonzero(allowed), want)
+
+        extra = 0 if exclude is None else 1
+        want = k + extra if live_count is None else min(k + extra, live_count)
+        if want <= 0:
+            return []
+        hits = self._knn(query, want, None)
+        return [h for h in hits if h.label != exclude][:k]
+
+    def exact(self, vector: np.ndarray, labels: np.ndarray, k: int) -> list[Hit]:
+        """Brute-force cosine over the given labels (those deleted meanwhile are skipped)."""
+        labels, matrix = self.vectors(labels)
+        if len(labels) == 0:
+            return []
+        query = np.asarray(vector, dtype=np.float32)
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
+        scores = matrix @ query
+        k = min(k, len(labels))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [Hit(int(labels[i]), float(scores[i])) for i in top]
+
+    def vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels found, their unit vectors); labels not in the graph or deleted are dropped."""
+        labels = np.asarray(labels, dtype=np.int64)
+        with self._lock.read():
+            try:
+                return labels, np.asarray(self._index.get_items(labels), dtype=np.float32)
+            except RuntimeError:
+                pass
+            found, rows = [], []
+            for label in labels:
+                with contextlib.suppress(RuntimeError):
+                    rows.append(self._index.get_items([int(label)])[0])
+                    found.append(label)
+        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.params.dim)
+        return np.asarray(found, dtype=np.int64), matrix
+
+    def _knn(self, query: np.ndarray, k: int, predicate: object) -> list[Hit]:
+        with self._lock.read():
+            try:
+                labels, distances = self._index.knn_query(
+                    query, k=k, num_threads=1, filter=predicate
+                )
+            except RuntimeError as exc:
+                # hnswlib raises when it finds fewer than k; nothing else in knn_query does.
+                raise SearchIncomplete(str(exc)) from None
+        return [Hit(int(lab), 1.0 - float(d)) for lab, d in zip(labels[0], distances[0], strict=True)]
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def dump(self, directory: Path, seq: int) -> Path:
+        """Writes the graph to a temporary file; the caller keeps writers out meanwhile."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"index-{seq}.hnsw.tmp"
+        with self._lock.read():
+            self._index.save_index(str(tmp))
+        return tmp
+
+    def publish(self, directory: Path, tmp: Path, seq: int) -> int:
+        """Makes a dumped file the current snapshot (see module docstring); returns its size."""
+        final = directory / f"index-{seq}.hnsw"
+        _fsync_file(tmp)
+        size = tmp.stat().st_size
+        digest = _sha256(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        manifest = {
+            "format": _FORMAT,
+            "file": final.name,
+            "sha256": digest,
+            "size": size,
+            "seq": seq,
+            "dim": self.params.dim,
+            "m": self.params.m,
+            "ef_construction": self.params.ef_construction,
+        }
+        manifest_tmp = directory / (MANIFEST + ".tmp")
+        with open(manifest_tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(manifest_tmp, directory / MANIFEST)
+        _fsync_dir(directory)
+        for old in directory.glob("index-*.hnsw*"):
+            if old.name != final.name:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        return size
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,321 @@
+"""Cases in SQLite: the durable source of truth, vectors included.
+
+WAL mode with ``synchronous=FULL``: a commit is on disk before the client is told "ok", so an
+acknowledged case survives kill -9 and power loss.  The embedding is stored beside the case so
+the hnswlib index can be rebuilt without re-running the model (re-embedding a million cases
+would take hours).
+
+Every write bumps a persistent counter ``seq`` and stamps the row with it.  An index snapshot
+records the seq it reflects; at start-up rows with a larger seq are replayed into it.  The
+counter lives in ``meta`` rather than being MAX(seq): deleting the newest row must not let the
+next write reuse a seq that a snapshot already claims.
+
+Labels (the integer the index knows a case by) are AUTOINCREMENT rowids: stable across updates
+of a case and never reused after a delete, so a stale index entry can never alias a new case.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cases (
+    label          INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_id        TEXT NOT NULL UNIQUE,
+    seq            INTEGER NOT NULL,
+    text           TEXT NOT NULL,
+    department     TEXT,
+    age            INTEGER,
+    sex            TEXT,
+    icd10          TEXT NOT NULL,
+    admission_date TEXT,
+    discharge_date TEXT,
+    embedding      BLOB NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cases_seq ON cases(seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = (
+    "label, case_id, seq, text, department, age, sex, icd10, admission_date, discharge_date, "
+    "created_at, updated_at"
+)
+
+
+class StoreError(Exception):
+    """The database cannot be used as is (wrong embedder, newer schema, unreadable)."""
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One case as stored; ``label`` is 0 for a record not yet written."""
+
+    case_id: str
+    text: str
+    department: str | None = None
+    age: int | None = None
+    sex: str | None = None
+    icd10: tuple[str, ...] = ()
+    admission_date: dt.date | None = None
+    discharge_date: dt.date | None = None
+    label: int = 0
+    seq: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True)
+class Written:
+    label: int
+    created: bool
+
+
+class CaseStore:
+    """Thread-safe: one connection, one lock.  Statements are short; vectors come precomputed."""
+
+    def __init__(self, path: Path, *, embedder: str, dim: int) -> None:
+        self.path = path
+        self.dim = dim
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._check_meta(embedder, dim)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"case database {path} cannot be opened: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def upsert(self, records: Sequence[CaseRecord], vectors: np.ndarray) -> list[Written]:
+        """Insert or replace cases (by case_id) in one transaction; returns their labels."""
+        if len(records) != len(vectors):
+            raise ValueError("one vector per record")
+        blobs = [self._blob(v) for v in vectors]
+        now = int(time.time())
+        out: list[Written] = []
+        with self._lock, self._transaction():
+            seq = self._next_seq(len(records))
+            for record, blob in zip(records, blobs, strict=True):
+                seq += 1
+                row = self._db.execute(
+                    "SELECT label FROM cases WHERE case_id = ?", (record.case_id,)
+                ).fetchone()
+                values = (
+                    seq,
+                    record.text,
+                    record.department,
+                    record.age,
+                    record.sex,
+                    json.dumps(list(record.icd10)),
+                    _date_text(record.admission_date),
+                    _date_text(record.discharge_date),
+                    blob,
+                    now,
+                )
+                if row is None:
+                    cursor = self._db.execute(
+                        "INSERT INTO cases (seq, text, department, age, sex, icd10, "
+                        "admission_date, discharge_date, embedding, updated_at, case_id, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*values, record.case_id, now),
+                    )
+                    out.append(Written(int(cursor.lastrowid or 0), created=True))
+                else:
+                    self._db.execute(
+                        "UPDATE cases SET seq = ?, text = ?, department = ?, age = ?, sex = ?, "
+                        "icd10 = ?, admission_date = ?, discharge_date = ?, embedding = ?, "
+                        "updated_at = ? WHERE label = ?",
+                        (*values, row[0]),
+                    )
+                    out.append(Written(int(row[0]), created=False))
+        return out
+
+    def delete(self, case_id: str) -> int | None:
+        """Removes a case; returns its label, or None when there was no such case."""
+        with self._lock, self._transaction():
+            # fetchall: a RETURNING statement left half-read would block the COMMIT.
+            rows = self._db.execute(
+                "DELETE FROM cases WHERE case_id = ? RETURNING label", (case_id,)
+            ).fetchall()
+        return int(rows[0][0]) if rows else None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, case_id: str) -> CaseRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM cases WHERE case_id = ?", (case_id,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def get_labels(self, labels: Sequence[int]) -> dict[int, CaseRecord]:
+        """Records by label; labels without a row (deleted meanwhile) are simply absent."""
+        if not labels:
+            return {}
+        marks = ",".join("?" * len(labels))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM cases WHERE label IN ({marks})", [int(x) for x in labels]
+            ).fetchall()
+        return {int(r[0]): _record(r) for r in rows}
+
+    def vector(self, label: int) -> np.ndarray | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT embedding FROM cases WHERE label = ?", (label,)
+            ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM cases").fetchone()[0])
+
+    def current_seq(self) -> int:
+        with self._lock:
+            return self._read_seq()
+
+    def labels(self) -> np.ndarray:
+        with self._lock:
+            rows = self._db.execute("SELECT label FROM cases").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def iter_records(self, batch: int = 10_000) -> Iterator[list[CaseRecord]]:
+        """All records (without vectors), in label order, a batch at a time."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM cases WHERE label > ? ORDER BY label LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            yield [_record(r) for r in rows]
+
+    def iter_vectors(
+        self, *, after_seq: int = 0, batch: int = 10_000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(labels, vectors) of rows written after ``after_seq``, a batch at a time."""
+        last_label = 0
+        while True:
+            # Keyset pagination on label: stable while writers append (labels only grow).
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT label, embedding FROM cases WHERE label > ? AND seq > ? "
+                    "ORDER BY label LIMIT ?",
+                    (last_label, after_seq, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last_label = int(rows[-1][0])
+            labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+            yield labels, vectors.reshape(len(rows), self.dim).astype(np.float32)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _read_seq(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _next_seq(self, n: int) -> int:
+        """Reserves n sequence numbers inside the caller's transaction; returns the last used."""
+        current = self._read_seq()
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('seq', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(current + n),),
+        )
+        return current
+
+    def _blob(self, vector: np.ndarray) -> bytes:
+        v = np.asarray(vector, dtype="<f4").reshape(-1)
+        if v.shape[0] != self.dim:
+            raise ValueError(f"vector has {v.shape[0]} dimensions, expected {self.dim}")
+        return v.tobytes()
+
+    def _check_meta(self, embedder: str, dim: int) -> None:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if "schema" in meta and int(meta["schema"]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"case database {self.path} has schema {meta['schema']}, newer than this "
+                f"medserve understands ({SCHEMA_VERSION}); upgrade medserve"
+            )
+        stored = meta.get("embedder")
+        if stored is not None and (stored != embedder or int(meta.get("dim", 0)) != dim):
+            # Vectors from another model are not comparable with new ones: refusing is safer
+            # than silently mixing them in one index.
+            raise StoreError(
+                f"case database {self.path} holds {meta.get('dim')}-d vectors from embedder "
+                f"{stored!r}, but this server embeds with {embedder!r} ({dim}-d); point "
+                f"cases.data_dir elsewhere or re-import the cases"
+            )
+        with self._transaction():
+            for key, value in (("schema", SCHEMA_VERSION), ("embedder", embedder), ("dim", dim)):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value))
+                )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+def _date_text(value: dt.date | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _record(row: tuple) -> CaseRecord:
+    (label, case_id, seq, text, department, age, sex, icd10, adm, dis, created, updated) = row
+    return CaseRecord(
+        case_id=case_id,
+        text=text,
+        department=department,
+        age=age,
+        sex=sex,
+        icd10=tuple(json.loads(icd10)),
+        admission_date=None if adm is None else dt.date.fromisoformat(adm),
+        discharge_date=None if dis is None else dt.date.fromisoformat(dis),
+        label=int(label),
+        seq=int(seq),
+        created_at=int(created),
+        updated_at=int(updated),
+    )
