@@ -81,6 +81,8 @@ class CaseRecord:
 class Written:
     label: int
     created: bool
+    previous_icd10: tuple[str, ...] = ()
+    """The codes the row had before an update (the filter index must forget them)."""
 
 
 class CaseStore:
@@ -120,7 +122,7 @@ class CaseStore:
             for record, blob in zip(records, blobs, strict=True):
                 seq += 1
                 row = self._db.execute(
-                    "SELECT label FROM cases WHERE case_id = ?", (record.case_id,)
+                    "SELECT label, icd10 FROM cases WHERE case_id = ?", (record.case_id,)
                 ).fetchone()
                 values = (
                     seq,
@@ -149,17 +151,17 @@ class CaseStore:
                         "updated_at = ? WHERE label = ?",
                         (*values, row[0]),
                     )
-                    out.append(Written(int(row[0]), created=False))
+                    out.append(Written(int(row[0]), False, tuple(json.loads(row[1]))))
         return out
 
-    def delete(self, case_id: str) -> int | None:
-        """Removes a case; returns its label, or None when there was no such case."""
+    def delete(self, case_id: str) -> CaseRecord | None:
+        """Removes a case; returns what was removed, or None when there was no such case."""
         with self._lock, self._transaction():
             # fetchall: a RETURNING statement left half-read would block the COMMIT.
             rows = self._db.execute(
-                "DELETE FROM cases WHERE case_id = ? RETURNING label", (case_id,)
+                f"DELETE FROM cases WHERE case_id = ? RETURNING {_COLUMNS}", (case_id,)
             ).fetchall()
-        return int(rows[0][0]) if rows else None
+        return _record(rows[0]) if rows else None
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from medserve.server.access_log import key_fingerprint
+
 from tests.conftest import BUNDLED_MODEL
 from tests.server_process import ServerProcess
 

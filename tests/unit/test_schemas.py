@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from medserve.server.errors import APIError
 from medserve.server.schemas import ChatCompletionRequest, CompletionRequest, decode_body
 
