@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medserve.accel.text_stream import TextStream
+from medserve.kv_cache.planner import KVGeometry, plan_kv_cache
 
 IDLE_POLL_S = 0.05
 
@@ -33,7 +34,7 @@ class WorkerConfig:
     model_name: str
     model_dir: str
     device: str
-    kv_cache_gb: float
+    kv_cache_gb: int
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_prefix_caching: bool
@@ -74,7 +75,7 @@ class _Engine:
         self.manifest = json.loads((model_dir / "medserve.json").read_text(encoding="utf-8"))
 
         scheduler = ov_genai.SchedulerConfig()
-        scheduler.cache_size = max(1, round(config.kv_cache_gb))
+        scheduler.cache_size = config.kv_cache_gb
         scheduler.max_num_seqs = config.max_num_seqs
         scheduler.max_num_batched_tokens = config.max_num_batched_tokens
         scheduler.enable_prefix_caching = config.enable_prefix_caching
@@ -93,6 +94,7 @@ class _Engine:
         )
         self.active: dict[str, _Active] = {}
         self._next_numeric_id = 0
+        self.kv_plan = plan_kv_cache(KVGeometry.from_model_dir(model_dir), config.kv_cache_gb)
 
     def model_info(self) -> dict[str, Any]:
         return {
@@ -203,6 +205,7 @@ class _Engine:
             "kv_cache_usage": float(metrics.cache_usage),
             "kv_cache_max_usage": float(metrics.max_cache_usage),
             "kv_cache_bytes": int(metrics.kv_cache_size_in_bytes),
+            "kv_capacity_tokens_estimate": self.kv_plan.capacity_tokens,
         }
 
     def _decode(self, ids: list[int]) -> str:

@@ -12,6 +12,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from medserve.accel.openvino_backend import OpenVINOBackend
 from medserve.accel.openvino_worker import WorkerConfig
+from medserve.kv_cache.planner import check_fits_in_memory
 from medserve.server.access_log import AccessLogMiddleware
 from medserve.server.errors import EXCEPTION_HANDLERS, error_response
 from medserve.server.openai_api import openai_router
@@ -64,8 +65,10 @@ def build_backend(settings: Settings) -> OpenVINOBackend:
         max_context_tokens=engine.max_context_tokens,
         num_threads=engine.num_threads,
     )
+    model_dirs = {name: engine.models_dir / name for name in names}
+    check_fits_in_memory(model_dirs, engine.kv_cache_gb)
     backend = OpenVINOBackend(
-        {name: engine.models_dir / name for name in names},
+        model_dirs,
         config_template=template,
         max_in_flight=engine.max_num_seqs + engine.max_queue,
     )

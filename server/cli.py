@@ -73,11 +73,17 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     import uvicorn
+    from medserve.accel.base import BackendError
+    from medserve.kv_cache.planner import KVPlanError
     from medserve.server.app import create_app
     from medserve.server.logging_setup import configure_logging
 
     configure_logging(settings.server.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except (KVPlanError, BackendError) as exc:
+        print(f"medserve: cannot start: {exc}", file=sys.stderr)
+        return 2
     config_ = uvicorn.Config(
         app,
         host=settings.server.host,

@@ -57,8 +57,8 @@ class EngineSettings:
     max_num_seqs: int = 8
     """Sequences batched together per engine step."""
     max_num_batched_tokens: int = 2048
-    kv_cache_gb: float = 1.0
-    """Memory reserved up front for the paged KV cache of each model."""
+    kv_cache_gb: int = 1
+    """GiB reserved up front for the paged KV cache of each model (GenAI sizes it in whole GiB)."""
     enable_prefix_caching: bool = True
     max_queue: int = 64
     """Requests waiting for the engine beyond this are refused with 503 instead of piling up."""

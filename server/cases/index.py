@@ -2,9 +2,10 @@
 
 Snapshot protocol (crash-safe without ever trusting a half-written file):
 
-1. ``dump`` writes the graph to ``index-<seq>.hnsw.tmp`` (caller blocks writers meanwhile, so
-   the file is exactly the database at ``seq``; searches continue).
-2. ``publish`` checksums it, fsyncs, renames it to ``index-<seq>.hnsw``, then atomically
+1. ``dump`` writes the graph to ``index-<seq>-<nonce>.hnsw.tmp`` (caller blocks writers
+   meanwhile, so the file is exactly the database at ``seq``; searches continue).  The nonce
+   keeps a new snapshot from ever overwriting the file the current manifest names.
+2. ``publish`` checksums it, fsyncs, renames it to ``index-<seq>-<nonce>.hnsw``, then atomically
    replaces ``index.json`` (the manifest: file name, sha256, size, seq, parameters), fsyncs the
    directory and removes older snapshots.
 
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,14 +314,14 @@ class VectorIndex:
     def dump(self, directory: Path, seq: int) -> Path:
         """Writes the graph to a temporary file; the caller keeps writers out meanwhile."""
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f"index-{seq}.hnsw.tmp"
+        tmp = directory / f"index-{seq}-{uuid.uuid4().hex[:8]}.hnsw.tmp"
         with self._lock.read():
             self._index.save_index(str(tmp))
         return tmp
 
     def publish(self, directory: Path, tmp: Path, seq: int) -> int:
         """Makes a dumped file the current snapshot (see module docstring); returns its size."""
-        final = directory / f"index-{seq}.hnsw"
+        final = tmp.with_suffix("")
         _fsync_file(tmp)
         size = tmp.stat().st_size
         digest = _sha256(tmp)

@@ -1,0 +1,318 @@
+"""Ingest, search and recovery: SQLite first, then the index, never the other way round.
+
+Durability: a case is acknowledged only after its SQLite transaction committed (WAL,
+synchronous=FULL).  The index is updated afterwards and saved now and then; at start-up it is
+loaded from its last snapshot and brought up to date from SQLite (rows whose seq is newer are
+replayed, labels no longer in SQLite are marked deleted).  A missing or corrupt snapshot, or
+one that does not match the database, is rebuilt from the vectors stored in SQLite.  So kill -9
+at any instant loses nothing that was acknowledged.
+
+Locking:
+* ``_write_lock`` (thread lock) serialises every mutation -- SQLite write, index update, filter
+  attributes -- and the snapshot dump, so a snapshot is exactly the database at its seq.
+* Searches take no service lock: the index allows searches beside inserts, and results are
+  read back from SQLite, so a case deleted meanwhile is dropped, never returned stale.
+* Embedding (the slow part) runs before the write lock, on one dedicated thread, in small
+  chunks: a search's query embedding waits for at most one chunk of a large ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from medserve.accel.embeddings import Embedder
+from medserve.server.cases.filters import CaseAttributes, Filters
+from medserve.server.cases.index import IndexParams, IndexUnusable, SearchIncomplete, VectorIndex
+from medserve.server.cases.store import CaseRecord, CaseStore, Written
+from medserve.server.settings import CasesSettings
+
+log = structlog.get_logger("medserve.cases")
+
+DB_NAME = "cases.sqlite3"
+_EMBED_CHUNK = 8
+
+
+class CaseNotFound(Exception):
+    pass
+
+
+class ServiceStopping(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Match:
+    record: CaseRecord
+    score: float
+
+
+class CaseService:
+    def __init__(self, settings: CasesSettings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.directory = Path(settings.data_dir)
+        cores = os.cpu_count() or 1
+        self.params = IndexParams(
+            dim=embedder.dim,
+            m=settings.hnsw_m,
+            ef_construction=settings.hnsw_ef_construction,
+            ef_search=settings.hnsw_ef_search,
+            threads=settings.build_threads or cores,
+        )
+        self.attrs = CaseAttributes()
+        self.store: CaseStore | None = None
+        self.index: VectorIndex | None = None
+        self.loaded = False
+        self._write_lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()
+        self._dirty = 0
+        self._stopping = False
+        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="medserve-embed")
+
+    # -- lifecycle (blocking; call from a worker thread) -----------------------------------
+
+    def open(self) -> None:
+        """Opens SQLite, then loads (and catches up) the index snapshot or rebuilds it."""
+        started = time.perf_counter()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        store = CaseStore(
+            self.directory / DB_NAME, embedder=self.embedder.name, dim=self.embedder.dim
+        )
+        self.store = store
+        for batch in store.iter_records():
+            for record in batch:
+                self.attrs.put(record)
+        try:
+            index, snapshot_seq = VectorIndex.load(self.directory, self.params)
+            replayed = self._catch_up(index, snapshot_seq)
+            self.index = index
+            log.info(
+                "cases.index_loaded",
+                cases=self.attrs.count,
+                replayed=replayed,
+                seconds=round(time.perf_counter() - started, 2),
+            )
+        except IndexUnusable as exc:
+            # A fresh install has no snapshot; anything else deserves attention.
+            level = log.warning if self.attrs.count else log.info
+            level("cases.index_rebuild", reason=str(exc), cases=self.attrs.count)
+            self.index = self._rebuild()
+            replayed = self.attrs.count
+            log.info(
+                "cases.index_rebuilt",
+                cases=self.attrs.count,
+                seconds=round(time.perf_counter() - started, 2),
+            )
+        self._dirty = replayed
+        self.loaded = True
+        if replayed:
+            self.snapshot()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._embed_pool.shutdown(wait=True, cancel_futures=True)
+        if self.loaded:
+            self.snapshot()
+        with self._write_lock:
+            self.loaded = False
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+    def snapshot(self) -> bool:
+        """Saves the index if it changed since the last snapshot; True when one was written."""
+        with self._snapshot_lock:
+            started = time.perf_counter()
+            with self._write_lock:
+                if not self._dirty or self.index is None or self.store is None:
+                    return False
+                seq = self.store.current_seq()
+                tmp = self.index.dump(self.directory, seq)
+                pending, self._dirty = self._dirty, 0
+            try:
+                size = self.index.publish(self.directory, tmp, seq)
+            except BaseException:
+                with self._write_lock:
+                    self._dirty += pending
+                raise
+        log.info(
+            "cases.snapshot_saved",
+            seq=seq,
+            bytes=size,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        return True
+
+    def _catch_up(self, index: VectorIndex, snapshot_seq: int) -> int:
+        """Brings a loaded snapshot up to the database; IndexUnusable if it cannot be trusted."""
+        store = self._store()
+        if store.current_seq() < snapshot_seq:
+            raise IndexUnusable("snapshot is newer than the database")
+        in_index = index.labels()
+        live = store.labels()
+        # Labels deleted before the snapshot are still listed (marked deleted): only count the
+        # ones this call actually hides.
+        hidden = sum(index.mark_deleted(int(label)) for label in np.setdiff1d(in_index, live))
+        missing = np.setdiff1d(live, in_index)
+        replayed: list[np.ndarray] = []
+        for labels, vectors in store.iter_vectors(after_seq=snapshot_seq):
+            index.add(vectors, labels, existing=np.isin(labels, in_index))
+            replayed.append(labels)
+        done = np.concatenate(replayed) if replayed else np.empty(0, dtype=np.int64)
+        if not np.isin(missing, done).all():
+            # Rows older than the snapshot but absent from it: the database was restored or
+            # swapped underneath.  Only a rebuild is trustworthy.
+            raise IndexUnusable("snapshot lacks cases that predate it")
+        return len(done) + hidden
+
+    def _rebuild(self) -> VectorIndex:
+        store = self._store()
+        count = store.count()
+        index = VectorIndex.create(
+            self.params, capacity=max(self.settings.initial_capacity, count + count // 8)
+        )
+        for labels, vectors in store.iter_vectors():
+            if self._stopping:
+                raise ServiceStopping("stopped during the index rebuild")
+            index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
+        return index
+
+    # -- embedding --------------------------------------------------------------------------
+
+    async def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return await self._embed(texts, self.embedder.embed_queries)
+
+    async def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return await self._embed(texts, self.embedder.embed_passages)
+
+    async def count_tokens(self, texts: Sequence[str]) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._embed_pool, self.embedder.count_tokens, texts)
+
+    async def _embed(self, texts: Sequence[str], fn: object) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        parts = []
+        for start in range(0, len(texts), _EMBED_CHUNK):
+            chunk = list(texts[start : start + _EMBED_CHUNK])
+            parts.append(await loop.run_in_executor(self._embed_pool, fn, chunk))
+        if not parts:
+            return np.empty((0, self.embedder.dim), dtype=np.float32)
+        return np.concatenate(parts)
+
+    # -- cases ------------------------------------------------------------------------------
+
+    async def upsert(self, records: Sequence[CaseRecord]) -> list[Written]:
+        vectors = await self.embed_passages([r.text for r in records])
+        return await asyncio.to_thread(self.upsert_embedded, records, vectors)
+
+    def upsert_embedded(self, records: Sequence[CaseRecord], vectors: np.ndarray) -> list[Written]:
+        """Stores cases whose passage vectors are already computed (blocking)."""
+        if len({r.case_id for r in records}) != len(records):
+            raise ValueError("a batch must not name the same case twice")
+        store, index = self._store(), self._index()
+        with self._write_lock:
+            written = store.upsert(records, vectors)
+            # Committed: from here on the cases survive a crash even if the lines below do not
+            # run (start-up replays them from SQLite).
+            labels = np.fromiter((w.label for w in written), dtype=np.int64, count=len(written))
+            existing = np.fromiter((not w.created for w in written), dtype=bool, count=len(written))
+            index.add(vectors, labels, existing=existing)
+            for record, w in zip(records, written, strict=True):
+                self.attrs.put(replace(record, label=w.label), w.previous_icd10)
+            self._dirty += len(written)
+        return written
+
+    async def get(self, case_id: str) -> CaseRecord | None:
+        return await asyncio.to_thread(self._store().get, case_id)
+
+    async def delete(self, case_id: str) -> bool:
+        return await asyncio.to_thread(self.delete_sync, case_id)
+
+    def delete_sync(self, case_id: str) -> bool:
+        store, index = self._store(), self._index()
+        with self._write_lock:
+            record = store.get(case_id)
+            if record is None:
+                return False
+            # Hide it from searches first, so none returns it after the delete is acknowledged.
+            index.mark_deleted(record.label)
+            self.attrs.remove(record.label, record.icd10)
+            try:
+                store.delete(case_id)
+            except BaseException:
+                index.unmark_deleted(record.label)
+                self.attrs.put(record)
+                raise
+            self._dirty += 1
+        return True
+
+    async def search(
+        self,
+        *,
+        k: int,
+        text: str | None = None,
+        case_id: str | None = None,
+        filters: Filters | None = None,
+    ) -> list[Match]:
+        """Nearest cases to a text (embedded as a query) or to a stored case (itself excluded)."""
+        exclude = None
+        if case_id is not None:
+            vector, exclude = await asyncio.to_thread(self._case_vector, case_id)
+        else:
+            vector = (await self.embed_queries([text or ""]))[0]
+        return await asyncio.to_thread(self.search_vector, vector, k, filters, exclude)
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int,
+        filters: Filters | None = None,
+        exclude: int | None = None,
+    ) -> list[Match]:
+        index, store = self._index(), self._store()
+        exact_max = self.settings.exact_search_max
+        if filters is None or filters.is_empty():
+            try:
+                hits = index.search(vector, k, exclude=exclude, live_count=self.attrs.count)
+            except SearchIncomplete:
+                # Rare (a region crowded with deleted cases): walk again restricted to live ones.
+                allowed = self.attrs.live_mask()
+                hits = index.search(vector, k, allowed=allowed, exclude=exclude, exact_max=exact_max)
+        else:
+            allowed = self.attrs.mask(filters)
+            hits = index.search(vector, k, allowed=allowed, exclude=exclude, exact_max=exact_max)
+        records = store.get_labels([h.label for h in hits])
+        return [Match(records[h.label], h.score) for h in hits if h.label in records]
+
+    def _case_vector(self, case_id: str) -> tuple[np.ndarray, int]:
+        record = self._store().get(case_id)
+        if record is None:
+            raise CaseNotFound(case_id)
+        labels, vectors = self._index().vectors(np.array([record.label]))
+        if len(labels):
+            return vectors[0], record.label
+        # Committed but not yet in the index (a write in flight): SQLite has the vector too.
+        vector = self._store().vector(record.label)
+        if vector is None:
+            raise CaseNotFound(case_id)
+        return vector, record.label
+
+    def _store(self) -> CaseStore:
+        if self.store is None:
+            raise ServiceStopping("case store is closed")
+        return self.store
+
+    def _index(self) -> VectorIndex:
+        if self.index is None:
+            raise ServiceStopping("case index is not loaded")
+        return self.index
