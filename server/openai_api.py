@@ -131,7 +131,9 @@ async def _respond(
     builder = _Builder(generation, chat=chat, created=int(time.time()))
     if not stream:
         return Response(
-            await _collect(chunks, first, builder, usage, runtime.request_timeout_s),
+            await _unless_disconnected(
+                request, _collect(chunks, first, builder, usage, runtime.request_timeout_s)
+            ),
             status_code=200,
         )
     return Stream(
@@ -155,6 +157,33 @@ async def _first_chunk(chunks: AsyncIterator[GenerationChunk], timeout_s: float)
     except TimeoutError:
         await chunks.aclose()  # type: ignore[attr-defined]
         raise APIError(503, "generation timed out before the first token", code="timeout") from None
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], work: Any) -> Any:
+    """Run ``work``; cancel it if the client hangs up first (an EMR call that timed out).
+
+    Cancelling closes the backend stream, which aborts generation and frees its KV blocks,
+    instead of computing a long answer nobody will read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        request.scope.setdefault("state", {}).setdefault("usage", {})["error"] = "disconnected"
+        raise APIError(499, "client disconnected", code="client_disconnected")
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(

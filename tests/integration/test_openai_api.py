@@ -275,3 +275,24 @@ def test_access_log_has_metadata_but_no_text(llm_server: ServerProcess) -> None:
     assert entry["route"] == "/v1/chat/completions" and entry["status"] == 200
     assert entry["completion_tokens"] > 0 and entry["prompt_tokens"] > 0
     assert entry["latency_ms"] > 0
+
+
+def test_client_giving_up_on_a_non_streamed_request_aborts_it(llm_server: ServerProcess) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long essay about medicine."}],
+        "temperature": 0,
+        "max_tokens": 3000,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(llm_server.base_url + "/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 15
+    stats: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stats = httpx.get(llm_server.base_url + "/metrics").json()["models"][BUNDLED_MODEL]
+        if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
+            break
+        time.sleep(0.2)
+    # 3000 tokens take far longer than this: it was aborted, not finished
+    assert stats["in_flight"] == 0 and stats["engine_requests"] == 0
+    entries = [json.loads(line) for line in llm_server.log().splitlines() if line.startswith("{")]
+    assert any(e.get("status") == 499 and e.get("error") == "disconnected" for e in entries)
