@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--m", type=int, default=16)
-    parser.add_argument("--ef-construction", type=int, default=100)
+    parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--ef", default="32,48,64,96,128", help="search beam widths to sweep")
     parser.add_argument("--batch", type=int, default=128, help="cases per write (API maximum)")
     parser.add_argument("--threads", type=int, default=2, help="index insert threads")

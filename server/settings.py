@@ -82,7 +82,7 @@ class CasesSettings:
     """Most results one search may ask for."""
     hnsw_m: int = 16
     """Graph degree: recall and memory grow with it (about 8*M bytes per case)."""
-    hnsw_ef_construction: int = 100
+    hnsw_ef_construction: int = 200
     """Build-time beam width: a better graph for a slower ingest."""
     hnsw_ef_search: int = 64
     """Search-time beam width (raised to k when k is larger): recall against latency."""

@@ -39,6 +39,14 @@ def models_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_glm4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight GLM-4 exported to IR, built once per test session."""
+    from medserve.models.tiny_glm4 import build_tiny_glm4
+
+    return build_tiny_glm4(tmp_path_factory.mktemp("glm4") / "models" / "tiny-glm4", seed=0)
+
+
+@pytest.fixture(scope="session")
 def llm_server(
     models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
