@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
         from medserve.benchmarks.llm_bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["export"]:
+        # Conversion needs the [convert] extra (torch, optimum); serving never imports it.
+        from medserve.quant.convert import main as export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medserve", description="On-premise LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -28,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--models-dir", type=Path)
 
     commands.add_parser("bench", help="benchmark a running server (see `medserve bench -h`)")
+    commands.add_parser(
+        "export", help="convert a local HF model folder to OpenVINO IR (`medserve export -h`)"
+    )
 
     setup = commands.add_parser(
         "setup", help="prepare the bundled model (download, verify, export)"
