@@ -10,29 +10,28 @@ from pathlib import Path
 from tests.server_process import ServerProcess
 
 
-def test_bench_cli_reports_measured_figures(llm_server: ServerProcess, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medserve.server.cli",
-            "bench",
-            "--url",
-            llm_server.base_url,
-            "--requests",
-            "4",
-            "--concurrency",
-            "2",
-            "--max-tokens",
-            "12",
-            "--json",
-            str(out),
-            "--no-progress",
-        ],
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medserve.server.cli", "bench", "--no-progress", *args],
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_bench_cli_reports_measured_figures(llm_server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    completed = _bench(
+        "--url",
+        llm_server.base_url,
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "12",
+        "--json",
+        str(out),
     )
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(out.read_text())
@@ -43,20 +42,7 @@ def test_bench_cli_reports_measured_figures(llm_server: ServerProcess, tmp_path:
     assert summary["output_tokens_per_s"] > 0
 
 
-def test_bench_cli_fails_clearly_without_a_server(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medserve.server.cli",
-            "bench",
-            "--url",
-            "http://127.0.0.1:9",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_bench_cli_fails_clearly_without_a_server() -> None:
+    completed = _bench("--url", "http://127.0.0.1:9")
     assert completed.returncode == 2
     assert "cannot reach" in completed.stderr

@@ -34,6 +34,18 @@ def _stream_events(server: ServerProcess, path: str, body: dict[str, Any]) -> li
     return events
 
 
+def _wait_engine_idle(server: ServerProcess, timeout_s: float = 30) -> dict[str, Any]:
+    """Poll /metrics until no request is in flight or inside the engine; return the stats."""
+    deadline = time.monotonic() + timeout_s
+    stats: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stats = httpx.get(server.base_url + "/metrics").json()["models"][BUNDLED_MODEL]
+        if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
+            break
+        time.sleep(0.2)
+    return stats
+
+
 def _assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -211,13 +223,7 @@ def test_client_disconnect_mid_stream_frees_the_request(llm_server: ServerProces
                 break  # leave mid-stream: closing the connection is the disconnect
     # The engine itself must have dropped the request and freed its KV blocks, not just the
     # HTTP layer.  (Prefix caching is off on this server, so freed blocks read as 0 usage.)
-    deadline = time.monotonic() + 30
-    stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(llm_server.base_url + "/metrics").json()["models"][BUNDLED_MODEL]
-        if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
-            break
-        time.sleep(0.2)
+    stats = _wait_engine_idle(llm_server)
     assert stats["in_flight"] == 0 and stats["running_requests"] == 0
     assert stats["engine_requests"] == 0
     assert stats["kv_cache_usage"] == 0.0
@@ -285,13 +291,7 @@ def test_client_giving_up_on_a_non_streamed_request_aborts_it(llm_server: Server
     }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(llm_server.base_url + "/v1/chat/completions", json=body, timeout=1.5)
-    deadline = time.monotonic() + 15
-    stats: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(llm_server.base_url + "/metrics").json()["models"][BUNDLED_MODEL]
-        if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
-            break
-        time.sleep(0.2)
+    stats = _wait_engine_idle(llm_server, timeout_s=15)
     # 3000 tokens take far longer than this: it was aborted, not finished
     assert stats["in_flight"] == 0 and stats["engine_requests"] == 0
     entries = [json.loads(line) for line in llm_server.log().splitlines() if line.startswith("{")]
