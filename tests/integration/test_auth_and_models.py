@@ -30,6 +30,7 @@ def keyed_server(
         "MEDSERVE_ENGINE_SERVED_MODELS": FP16_MODEL,
         "MEDSERVE_SERVER_API_KEYS": f"{KEY},another-key-abcdefghijklmnop",
         "MEDSERVE_CASES_ENABLED": "false",
+        "MEDSERVE_SERVER_DOCS": "true",
     }
     with ServerProcess.start(tmp_path_factory.mktemp("keyed"), env=env) as server:
         yield server
@@ -85,3 +86,15 @@ def test_audit_log_names_the_key_fingerprint_never_the_key(keyed_server: ServerP
     actors = {e.get("actor") for e in entries if e.get("route") == "/v1/models"}
     assert f"key:{key_fingerprint(KEY)}" in actors
     assert "rejected" in actors  # refused requests are audited too
+
+
+def test_docs_are_openapi_json_only_with_no_cdn_ui(keyed_server: ServerProcess) -> None:
+    schema = httpx.get(keyed_server.base_url + "/schema/openapi.json")
+    assert schema.status_code == 200
+    assert "/v1/chat/completions" in schema.json()["paths"]
+    for ui in ("/schema/swagger", "/schema/redoc", "/schema/elements", "/schema/rapidoc"):
+        assert httpx.get(keyed_server.base_url + ui).status_code == 404
+
+
+def test_docs_are_off_by_default(llm_server: ServerProcess) -> None:
+    assert httpx.get(llm_server.base_url + "/schema/openapi.json").status_code == 404
