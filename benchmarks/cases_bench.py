@@ -24,7 +24,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="kept afterwards (default: temp, removed)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--concurrent", type=int, default=10_000, help="cases ingested while searching (0: skip)"
+    )
     args = parser.parse_args(argv)
 
-    results: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, object] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     workdir = args.data_dir or Path(tempfile.mkdtemp(prefix="cases-bench-"))
     try:
         _run(args, workdir, results)
@@ -170,7 +179,10 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
 
     index.set_ef(settings.hnsw_ef_search)
     results["filtered"] = _filtered(service, base, queries[: min(200, len(queries))], meta, args.k)
+    if args.concurrent:
+        results["search_during_ingest"] = _during_ingest(service, queries, args)
     service.close()
+    results["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
 
     if args.embed_sample:
         results["embedding"] = _embedding_rate(args.embed_sample)
@@ -194,6 +206,44 @@ def _search_pass(service: CaseService, queries: np.ndarray, truth: np.ndarray, k
         "p99_ms": 1000 * float(np.percentile(latencies, 99)),
         "index_p99_ms": 1000 * float(np.percentile(index_latencies, 99)),
     }
+
+
+def _during_ingest(service: CaseService, queries: np.ndarray, args: argparse.Namespace) -> dict:
+    """Search latency while another thread ingests (inserts hold the index write lock)."""
+    rng = np.random.default_rng(args.seed + 1)
+    extra = _vectors(rng, args.concurrent, args.dim, args.data)
+    meta = _metadata(rng, args.concurrent)
+    done = threading.Event()
+
+    def ingest() -> None:
+        for lo in range(0, args.concurrent, args.batch):
+            hi = min(lo + args.batch, args.concurrent)
+            records = [
+                replace(_record(i, meta, args.text_chars), case_id=f"x{i}") for i in range(lo, hi)
+            ]
+            service.upsert_embedded(records, extra[lo:hi])
+        done.set()
+
+    writer = threading.Thread(target=ingest)
+    started = time.perf_counter()
+    writer.start()
+    latencies = []
+    while not done.is_set():
+        for q in queries[:100]:
+            t0 = time.perf_counter()
+            service.search_vector(q, args.k)
+            latencies.append(time.perf_counter() - t0)
+    writer.join()
+    seconds = time.perf_counter() - started
+    out = {
+        "ingested": args.concurrent,
+        "ingest_cases_per_s": round(args.concurrent / seconds, 1),
+        "searches": len(latencies),
+        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 3),
+        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 3),
+    }
+    _say(f"  search during ingest: {out}")
+    return out
 
 
 def _filtered(service: CaseService, base: np.ndarray, queries: np.ndarray, meta: dict, k: int):

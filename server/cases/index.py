@@ -13,9 +13,11 @@ The manifest only ever names a complete, fsynced file, so a crash at any step le
 old snapshot or the new one.  ``load`` verifies size and sha256 *before* handing the file to
 hnswlib, whose loader trusts its input and can crash the process on a corrupt file.
 
-Thread safety: searches, inserts and deletes share the index (hnswlib supports concurrent
-inserts and queries); resizing reallocates its memory and takes the lock exclusively.  The
-caller serialises mutations among themselves and with ``dump``.
+Thread safety: hnswlib allows concurrent searches, but not a search concurrent with an insert
+(its maintainer, nmslib/hnswlib#562; seen here as a walk returning too few results).  So
+searches and ``dump`` share a read lock, and every mutation takes the write lock -- inserts in
+slices of 16 vectors, so a search waits milliseconds, not a whole batch.  The caller
+serialises mutations among themselves and with ``dump``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class IndexParams:
     ef_search: int = 64
     threads: int = 2
     """Threads for batch inserts (a single insert always uses one)."""
+    slice_rows: int = 16
+    """Vectors inserted per hold of the write lock; searches run between slices."""
 
 
 @dataclass(frozen=True)
@@ -63,19 +67,27 @@ class Hit:
 
 
 class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+    """Searches share, inserts exclude.  Fair both ways: a waiting writer holds back new readers,
+    and the readers that queued during a write go before the next one -- so a search waits for
+    at most one slice of an ingest, however long the ingest."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._readers_waiting = 0
         self._writers_waiting = 0
+        self._admit = 0
+        """Readers let in ahead of waiting writers once the current write ends."""
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._writers_waiting:
+            self._readers_waiting += 1
+            while self._writer or (self._writers_waiting and not self._admit):
                 self._cond.wait()
+            self._readers_waiting -= 1
+            self._admit = max(0, self._admit - 1)
             self._readers += 1
         try:
             yield
@@ -89,7 +101,7 @@ class RWLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
-            while self._writer or self._readers:
+            while self._writer or self._readers or self._admit:
                 self._cond.wait()
             self._writers_waiting -= 1
             self._writer = True
@@ -98,6 +110,7 @@ class RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._admit = self._readers_waiting
                 self._cond.notify_all()
 
 
@@ -176,29 +189,39 @@ class VectorIndex:
 
     # -- mutations (caller serialises) ----------------------------------------------------
 
-    def add(self, vectors: np.ndarray, labels: np.ndarray, *, existing: np.ndarray) -> None:
+    def add(
+        self,
+        vectors: np.ndarray,
+        labels: np.ndarray,
+        *,
+        existing: np.ndarray,
+        slice_rows: int | None = None,
+    ) -> None:
         """Inserts new labels and overwrites the vectors of ``existing`` ones (updates)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         labels = np.asarray(labels, dtype=np.int64)
         existing = np.asarray(existing, dtype=bool)
-        fresh = ~existing
-        self._ensure_capacity(int(fresh.sum()))
-        with self._lock.read():
-            if fresh.any():
-                # replace_deleted only for brand-new labels: for a label already in the graph it
-                # would move the label to a vacant slot and leave the old slot live.
+        fresh = np.flatnonzero(~existing)
+        self._ensure_capacity(len(fresh))
+        step = slice_rows or self.params.slice_rows
+        for lo in range(0, len(fresh), step):
+            rows = fresh[lo : lo + step]
+            with self._lock.write():
+                # replace_deleted only for brand-new labels: for a label already in the graph
+                # it would move the label to a vacant slot and leave the old slot live.
                 self._index.add_items(
-                    vectors[fresh],
-                    labels[fresh],
+                    vectors[rows],
+                    labels[rows],
                     num_threads=self.params.threads,
                     replace_deleted=True,
                 )
-            for row in np.flatnonzero(existing):
+        for row in np.flatnonzero(existing):
+            with self._lock.write():
                 self._update(vectors[row], int(labels[row]))
 
     def mark_deleted(self, label: int) -> bool:
         """False when the label is unknown or already deleted."""
-        with self._lock.read():
+        with self._lock.write():
             try:
                 self._index.mark_deleted(int(label))
             except RuntimeError:
@@ -206,7 +229,7 @@ class VectorIndex:
             return True
 
     def unmark_deleted(self, label: int) -> None:
-        with self._lock.read(), contextlib.suppress(RuntimeError):
+        with self._lock.write(), contextlib.suppress(RuntimeError):
             self._index.unmark_deleted(int(label))
 
     def _update(self, vector: np.ndarray, label: int) -> None:

