@@ -27,6 +27,7 @@ from medserve.accel.base import (
     SamplingParams,
 )
 from medserve.server.errors import APIError
+from medserve.server.openai_shapes import ResponseBuilder
 from medserve.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -128,7 +129,7 @@ async def _respond(
     usage["model"] = generation.model
     chunks = runtime.require_backend().generate(generation)
     first = await _first_chunk(chunks, runtime.request_timeout_s)
-    builder = _Builder(generation, chat=chat, created=int(time.time()))
+    builder = ResponseBuilder(generation, chat=chat, created=int(time.time()))
     if not stream:
         return Response(
             await _unless_disconnected(
@@ -189,7 +190,7 @@ async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
 async def _collect(
     chunks: AsyncIterator[GenerationChunk],
     first: GenerationChunk,
-    builder: _Builder,
+    builder: ResponseBuilder,
     usage: dict[str, Any],
     timeout_s: float,
 ) -> dict[str, Any]:
@@ -213,7 +214,7 @@ async def _collect(
 async def _sse(
     chunks: AsyncIterator[GenerationChunk],
     first: GenerationChunk,
-    builder: _Builder,
+    builder: ResponseBuilder,
     usage: dict[str, Any],
     include_usage: bool,
     timeout_s: float,
@@ -265,73 +266,6 @@ def _record_usage(usage: dict[str, Any], last: GenerationChunk) -> None:
 
 def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
-
-
-class _Builder:
-    """Builds response bodies in the exact shapes the OpenAI clients parse."""
-
-    def __init__(self, generation: GenerationRequest, *, chat: bool, created: int) -> None:
-        self.id = generation.request_id
-        self.model = generation.model
-        self.chat = chat
-        self.created = created
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-
-    @staticmethod
-    def _usage(chunk: GenerationChunk) -> dict[str, int]:
-        return {
-            "prompt_tokens": chunk.num_prompt_tokens,
-            "completion_tokens": chunk.num_completion_tokens,
-            "total_tokens": chunk.num_prompt_tokens + chunk.num_completion_tokens,
-        }
-
-    def full(self, text: str, last: GenerationChunk) -> dict[str, Any]:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": last.finish_reason,
-                "logprobs": None,
-            }
-            body = self._envelope("chat.completion", [choice])
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "finish_reason": last.finish_reason,
-                "logprobs": None,
-            }
-            body = self._envelope("text_completion", [choice])
-        body["usage"] = self._usage(last)
-        return body
-
-    def delta_event(
-        self, *, text: str = "", role: bool = False, finish_reason: str | None = None
-    ) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta = {"role": "assistant", "content": ""}
-            elif text:
-                delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        return self._envelope("text_completion", [choice])
-
-    def usage_event(self, last: GenerationChunk) -> dict[str, Any]:
-        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body["usage"] = self._usage(last)
-        return body
 
 
 openai_router = Router(

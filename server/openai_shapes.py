@@ -1,0 +1,74 @@
+"""Response bodies and SSE events in the exact shapes the official OpenAI clients parse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medserve.accel.base import GenerationChunk, GenerationRequest
+
+
+class ResponseBuilder:
+    """Builds response bodies in the exact shapes the OpenAI clients parse."""
+
+    def __init__(self, generation: GenerationRequest, *, chat: bool, created: int) -> None:
+        self.id = generation.request_id
+        self.model = generation.model
+        self.chat = chat
+        self.created = created
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    @staticmethod
+    def _usage(chunk: GenerationChunk) -> dict[str, int]:
+        return {
+            "prompt_tokens": chunk.num_prompt_tokens,
+            "completion_tokens": chunk.num_completion_tokens,
+            "total_tokens": chunk.num_prompt_tokens + chunk.num_completion_tokens,
+        }
+
+    def full(self, text: str, last: GenerationChunk) -> dict[str, Any]:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+            body = self._envelope("chat.completion", [choice])
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+            body = self._envelope("text_completion", [choice])
+        body["usage"] = self._usage(last)
+        return body
+
+    def delta_event(
+        self, *, text: str = "", role: bool = False, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_event(self, last: GenerationChunk) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = self._usage(last)
+        return body
