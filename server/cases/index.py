@@ -51,8 +51,7 @@ class SearchIncomplete(Exception):
 class IndexParams:
     dim: int
     m: int = 16
-    ef_construction: int = 100
-    ef_search: int = 64
+    ef_construction: int = 200
     threads: int = 2
     """Threads for batch inserts (a single insert always uses one)."""
     slice_rows: int = 16
@@ -118,7 +117,9 @@ class VectorIndex:
     def __init__(self, params: IndexParams, index: hnswlib.Index) -> None:
         self.params = params
         self._index = index
-        self._index.set_ef(params.ef_search)
+        # hnswlib's beam is max(ef, k) with one index-wide ef; keeping that ef at 1 lets each
+        # search choose its own beam through k (see ``search``) without racing other searches.
+        self._index.set_ef(1)
         self._lock = RWLock()
 
     @classmethod
@@ -255,26 +256,40 @@ class VectorIndex:
         vector: np.ndarray,
         k: int,
         *,
+        ef: int,
         allowed: np.ndarray | None = None,
         exclude: int | None = None,
+        candidates: int | None = None,
     ) -> list[Hit]:
-        """The k nearest live cases by graph walk; ``allowed`` is a boolean mask by label.
+        """The k nearest live cases by graph walk with a beam of ``ef``.
 
-        The mask is applied inside the hnswlib walk (its filter callable), so k hits come back
-        whenever k allowed cases are reachable -- a post-filter would return fewer.  Raises
-        SearchIncomplete when the walk finds fewer than k.
+        ``allowed`` is a boolean mask by label, applied inside the hnswlib walk (its filter
+        callable), so k hits come back whenever k allowed cases are reachable -- a post-filter
+        would return fewer.  ``candidates`` (how many cases could match) caps the beam, since
+        hnswlib fails when it cannot fill it.  Raises SearchIncomplete when the walk finds
+        fewer than k.
         """
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if allowed is None:
-            hits = self._knn(query, k + (exclude is not None), None)
-            return [h for h in hits if h.label != exclude][:k]
-        buffer, size = allowed.view(np.uint8).tobytes(), len(allowed)
+        predicate = None
+        want = k + (exclude is not None)
+        if allowed is not None:
+            buffer, size = allowed.view(np.uint8).tobytes(), len(allowed)
 
-        def predicate(label: int) -> bool:
-            # Labels inserted after the mask was built lie beyond it: not allowed.
-            return label < size and buffer[label] == 1 and label != exclude
+            def predicate(label: int) -> bool:
+                # Labels inserted after the mask was built lie beyond it: not allowed.
+                return label < size and buffer[label] == 1 and label != exclude
 
-        return self._knn(query, k, predicate)
+            want = k
+        # Asking for max(k, ef) results is a beam of ef for this query alone; the best k of
+        # them are the answer.
+        request = max(want, ef) if candidates is None else max(want, min(ef, candidates))
+        try:
+            hits = self._knn(query, request, predicate)
+        except SearchIncomplete:
+            if request == want:
+                raise
+            hits = self._knn(query, want, predicate)
+        return [h for h in hits if h.label != exclude][:k]
 
     def vector(self, label: int) -> np.ndarray | None:
         """The stored unit vector of a live label, else None."""
@@ -283,10 +298,6 @@ class VectorIndex:
                 return np.asarray(self._index.get_items([int(label)]), dtype=np.float32)[0]
             except RuntimeError:
                 return None
-
-    def set_ef(self, ef: int) -> None:
-        """Search beam width for all later searches (hnswlib keeps one, index-wide)."""
-        self._index.set_ef(ef)
 
     def _knn(self, query: np.ndarray, k: int, predicate: object) -> list[Hit]:
         with self._lock.read():

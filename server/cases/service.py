@@ -74,9 +74,10 @@ class CaseService:
             dim=embedder.dim,
             m=settings.hnsw_m,
             ef_construction=settings.hnsw_ef_construction,
-            ef_search=settings.hnsw_ef_search,
             threads=settings.build_threads or cores,
         )
+        self.ef_search = settings.hnsw_ef_search
+        self.ef_filtered = settings.hnsw_ef_filtered
         self.attrs = CaseAttributes()
         self.store: CaseStore | None = None
         self.index: VectorIndex | None = None
@@ -98,9 +99,8 @@ class CaseService:
             self.directory / DB_NAME, embedder=self.embedder.name, dim=self.embedder.dim
         )
         self.store = store
-        for batch in store.iter_records(with_text=False):
-            for record in batch:
-                self.attrs.put(record)
+        for rows in store.iter_filter_rows():
+            self.attrs.load(rows)
         try:
             index, snapshot_seq = VectorIndex.load(self.directory, self.params)
             replayed = self._catch_up(index, snapshot_seq)
@@ -309,7 +309,9 @@ class CaseService:
             if want <= 0:
                 return []
             try:
-                return index.search(vector, want, exclude=exclude)
+                return index.search(
+                    vector, want, ef=self.ef_search, exclude=exclude, candidates=self.attrs.count
+                )
             except SearchIncomplete:
                 # Rare (a region crowded with deleted cases): fall through to the live mask.
                 allowed = self.attrs.live_mask()
@@ -324,7 +326,9 @@ class CaseService:
         if matching <= self._exact_limit():
             return self._exact(vector, np.flatnonzero(allowed), want)
         try:
-            return index.search(vector, want, allowed=allowed)
+            return index.search(
+                vector, want, ef=self.ef_filtered, allowed=allowed, candidates=matching
+            )
         except SearchIncomplete:
             return self._exact(vector, np.flatnonzero(allowed), want)
 
@@ -335,7 +339,7 @@ class CaseService:
         (the predicate is a Python call); exact scoring reads m vectors from SQLite at ~6.5 us
         each.  They cost the same at m ~ sqrt(0.4*ef*n): ~5,000 for a million cases.
         """
-        balance = math.isqrt(int(0.4 * self.settings.hnsw_ef_search * max(self.attrs.count, 1)))
+        balance = math.isqrt(int(0.4 * self.ef_filtered * max(self.attrs.count, 1)))
         return min(self.settings.exact_search_max, max(256, balance))
 
     def _exact(self, vector: np.ndarray, labels: np.ndarray, k: int) -> list[Hit]:

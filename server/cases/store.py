@@ -221,26 +221,21 @@ class CaseStore:
             rows = self._db.execute("SELECT label FROM cases").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def iter_records(
-        self, batch: int = 10_000, *, with_text: bool = True
-    ) -> Iterator[list[CaseRecord]]:
-        """All records (without vectors), in label order, a batch at a time.
-
-        ``with_text=False`` leaves ``text`` empty: loading the filter columns of a million
-        cases at start-up need not read every case's text.
-        """
-        columns = _COLUMNS if with_text else _COLUMNS.replace(" text,", " '',")
+    def iter_filter_rows(self, batch: int = 50_000) -> Iterator[list[tuple]]:
+        """(label, department, age, sex, icd10 JSON, admission_date) of every case, in batches:
+        what the in-memory filter columns are rebuilt from at start-up."""
         last = 0
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT {columns} FROM cases WHERE label > ? ORDER BY label LIMIT ?",
+                    "SELECT label, department, age, sex, icd10, admission_date FROM cases "
+                    "WHERE label > ? ORDER BY label LIMIT ?",
                     (last, batch),
                 ).fetchall()
             if not rows:
                 return
             last = int(rows[-1][0])
-            yield [_record(r) for r in rows]
+            yield rows
 
     def iter_vectors(
         self, *, after_seq: int = 0, batch: int = 10_000

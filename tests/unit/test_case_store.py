@@ -97,13 +97,14 @@ def test_vectors_round_trip_and_replay_after_seq(tmp_path: Path) -> None:
     assert store.vector(999) is None
 
 
-def test_records_iterate_without_text_for_the_filter_columns(tmp_path: Path) -> None:
+def test_filter_rows_iterate_in_label_order(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    store.upsert([_record(f"c{i}", age=i) for i in range(25)], _vectors(25))
-    batches = list(store.iter_records(batch=10, with_text=False))
+    store.upsert([_record(f"c{i}", age=i, icd10=("E11",)) for i in range(25)], _vectors(25))
+    batches = list(store.iter_filter_rows(batch=10))
     assert [len(b) for b in batches] == [10, 10, 5]
-    assert all(r.text == "" for b in batches for r in b)
-    assert [r.age for b in batches for r in b] == list(range(25))
+    rows = [r for b in batches for r in b]
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert rows[3][1:] == (None, 3, None, '["E11"]', None)
 
 
 def test_reopen_keeps_everything_and_checks_the_embedder(tmp_path: Path) -> None:
