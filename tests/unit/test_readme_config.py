@@ -20,4 +20,4 @@ def test_readme_toml_example_loads(tmp_path: Path) -> None:
     assert settings.engine.kv_cache_gb == 1
     assert settings.engine.served_models == ("smollm2-135m-instruct-fp16",)
     assert settings.engine.models_dir == Path("~/.medserve/models").expanduser()
-    assert settings.cases.hnsw_ef_search == 64
+    assert settings.cases.hnsw_ef_search == 160
