@@ -50,7 +50,7 @@ class SearchIncomplete(Exception):
 @dataclass(frozen=True)
 class IndexParams:
     dim: int
-    m: int = 16
+    m: int = 24
     ef_construction: int = 200
     threads: int = 2
     """Threads for batch inserts (a single insert always uses one)."""
@@ -284,11 +284,11 @@ class VectorIndex:
         # them are the answer.
         request = max(want, ef) if candidates is None else max(want, min(ef, candidates))
         try:
-            hits = self._knn(query, request, predicate)
+            hits = self._knn(query, request, predicate, keep=want)
         except SearchIncomplete:
             if request == want:
                 raise
-            hits = self._knn(query, want, predicate)
+            hits = self._knn(query, want, predicate, keep=want)
         return [h for h in hits if h.label != exclude][:k]
 
     def vector(self, label: int) -> np.ndarray | None:
@@ -299,7 +299,8 @@ class VectorIndex:
             except RuntimeError:
                 return None
 
-    def _knn(self, query: np.ndarray, k: int, predicate: object) -> list[Hit]:
+    def _knn(self, query: np.ndarray, k: int, predicate: object, *, keep: int) -> list[Hit]:
+        """hnswlib's k nearest; only the best ``keep`` become Hit objects (they come sorted)."""
         with self._lock.read():
             try:
                 labels, distances = self._index.knn_query(
@@ -308,9 +309,8 @@ class VectorIndex:
             except RuntimeError as exc:
                 # hnswlib raises when it finds fewer than k; nothing else in knn_query does.
                 raise SearchIncomplete(str(exc)) from None
-        return [
-            Hit(int(lab), 1.0 - float(d)) for lab, d in zip(labels[0], distances[0], strict=True)
-        ]
+        labels, distances = labels[0, :keep].tolist(), distances[0, :keep].tolist()
+        return [Hit(label, 1.0 - d) for label, d in zip(labels, distances, strict=True)]
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -335,11 +335,12 @@ class CaseService:
     def _exact_limit(self) -> int:
         """Largest match count scored exactly rather than by a filtered graph walk.
 
-        A walk under a filter matching m of n cases visits about ef*n/m nodes at ~2.5 us each
-        (the predicate is a Python call); exact scoring reads m vectors from SQLite at ~6.5 us
-        each.  They cost the same at m ~ sqrt(0.4*ef*n): ~5,000 for a million cases.
+        A walk under a filter matching m of n cases expands about ef*n/m nodes, ~9 us each at a
+        million cases (distances to its neighbours plus Python predicate calls); exact scoring
+        reads m vectors from SQLite at ~8 us each.  Measured in benchmarks/RESULTS.md; they
+        cost the same near m = sqrt(ef*n): ~8,000 for a million cases at ef 64.
         """
-        balance = math.isqrt(int(0.4 * self.ef_filtered * max(self.attrs.count, 1)))
+        balance = math.isqrt(self.ef_filtered * max(self.attrs.count, 1))
         return min(self.settings.exact_search_max, max(256, balance))
 
     def _exact(self, vector: np.ndarray, labels: np.ndarray, k: int) -> list[Hit]:

@@ -235,7 +235,7 @@ def test_damaged_snapshots_are_refused_before_hnswlib_reads_them(
     elif damage == "remove_manifest":
         (tmp_path / MANIFEST).unlink()
     else:
-        params = IndexParams(dim=DIM, m=24)
+        params = IndexParams(dim=DIM, m=12)
     with pytest.raises(IndexUnusable, match=reason):
         VectorIndex.load(tmp_path, params)
 
