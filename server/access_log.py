@@ -68,7 +68,7 @@ class AccessLogMiddleware:
                 "request",
                 request_id=request_id,
                 method=scope.get("method"),
-                route=scope["path"] if len(scope["path"]) <= 128 else scope["path"][:128],
+                route=_route(scope),
                 status=status_holder["status"],
                 latency_ms=round((time.perf_counter() - started) * 1000, 1),
                 actor=actor or "rejected",
@@ -110,6 +110,13 @@ class AccessLogMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _route(scope: dict[str, Any]) -> str:
+    """The matched route template (/v1/cases/{case_id}), never the raw path: path parameters
+    such as case ids can identify a patient.  Requests refused before routing (401) have none."""
+    template = scope.get("path_template")
+    return str(template) if template else "<unmatched>"
 
 
 _USAGE_KEYS = {"model", "prompt_tokens", "completion_tokens", "finish_reason", "error"}

@@ -296,3 +296,14 @@ def test_client_giving_up_on_a_non_streamed_request_aborts_it(llm_server: Server
     assert stats["in_flight"] == 0 and stats["engine_requests"] == 0
     entries = [json.loads(line) for line in llm_server.log().splitlines() if line.startswith("{")]
     assert any(e.get("status") == 499 and e.get("error") == "disconnected" for e in entries)
+
+
+def test_access_log_records_route_templates_not_path_parameters(llm_server: ServerProcess) -> None:
+    secret = f"mrn-{uuid.uuid4().hex}"  # e.g. a medical record number used as an id
+    assert httpx.get(llm_server.base_url + f"/v1/models/{secret}").status_code == 404
+    assert httpx.get(llm_server.base_url + f"/no/such/{secret}").status_code == 404
+    time.sleep(0.3)
+    log = llm_server.log()
+    assert secret not in log
+    routes = {json.loads(line).get("route") for line in log.splitlines() if line.startswith("{")}
+    assert "/v1/models/{model_id}" in routes
