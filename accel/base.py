@@ -1,17 +1,31 @@
-"""The one small interface every inference backend implements.
+"""The one small interface between the server and inference: requests in, text chunks out.
 
-The server speaks only these types; it never imports openvino, ipex-llm or chatglm-cpp itself.
-A backend turns a GenerationRequest into a stream of GenerationChunks and must free the
-request's KV cache when the stream is closed early (client disconnect, timeout, stop string).
+The server speaks only these types; it never imports openvino, ipex-llm or llama.cpp, and
+does not know which engine serves a model. A backend turns a GenerationRequest into a stream
+of GenerationChunks and must free the request's KV cache when the stream is closed early
+(client disconnect, timeout, stop string).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
-FinishReason = Literal["stop", "length", "abort"]
+from medserve.accel.protocol import FinishReason, Sampling, Turn
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendOverloaded",
+    "FinishReason",
+    "GenerationChunk",
+    "GenerationRequest",
+    "ModelInfo",
+    "PromptTooLong",
+    "Sampling",
+    "Turn",
+]
 
 
 class BackendError(Exception):
@@ -23,39 +37,18 @@ class BackendOverloaded(BackendError):
 
 
 class PromptTooLong(Exception):
-    """The prompt does not fit the model's context; the client must shorten it."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 disables top-k filtering."""
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
+    """The prompt does not fit the model's context (or is empty); the client must change it."""
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     model: str
-    params: SamplingParams
+    params: Sampling
     prompt: str | None = None
     """Raw completion prompt, used as is."""
-    messages: tuple[ChatMessage, ...] = field(default_factory=tuple)
-    """Chat turns; the backend applies the model's chat template."""
+    messages: tuple[Turn, ...] = field(default_factory=tuple)
+    """Chat turns; the engine applies the model's chat template."""
 
 
 @dataclass(frozen=True)
@@ -75,24 +68,36 @@ class ModelInfo:
     precision: str
     context_length: int
     backend: str
+    """The engine serving the model (openvino, ipex-llm, ...)."""
     created: int = 0
 
 
 class Backend(Protocol):
-    """What the server needs from an inference engine."""
-
-    name: str
+    """What the server needs from inference, whatever engines are behind it."""
 
     async def start(self) -> None:
-        """Load models; return when the backend can serve (or raise BackendError)."""
+        """Load models; return when every model can serve (or raise BackendError)."""
 
     async def stop(self) -> None:
         """Abort running requests and release every resource."""
 
-    def models(self) -> list[ModelInfo]: ...
+    def models(self) -> list[ModelInfo]:
+        """The models loaded now (a restarting model is listed with its last info)."""
+        ...
 
     def ready(self) -> bool:
-        """True while requests can be served."""
+        """True while every model can serve."""
+        ...
+
+    def has_model(self, name: str) -> bool: ...
+
+    def in_flight(self) -> dict[str, int]:
+        """Admitted requests (running or queued) per model."""
+        ...
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: the engine's own load figures (KV-cache usage 0-1, requests, pid...)."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the completion.  Closing the iterator early aborts the request."""

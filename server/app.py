@@ -10,8 +10,8 @@ from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
-from medserve.accel.openvino_backend import OpenVINOBackend
-from medserve.accel.openvino_worker import WorkerConfig
+from medserve.accel.backend import BackendSettings, WorkerBackend
+from medserve.accel.backend import build_backend as build_worker_backend
 from medserve.kv_cache.planner import check_fits_in_memory
 from medserve.server.access_log import AccessLogMiddleware
 from medserve.server.errors import EXCEPTION_HANDLERS, error_response
@@ -51,29 +51,22 @@ async def metrics(runtime: ServerState) -> dict[str, Any]:
     return {"models": await runtime.backend.stats() if runtime.backend else {}}
 
 
-def build_backend(settings: Settings) -> OpenVINOBackend:
+def build_backend(settings: Settings) -> WorkerBackend:
     engine = settings.engine
     names = [engine.model, *[n for n in engine.served_models if n != engine.model]]
-    template = WorkerConfig(
-        model_name="",
-        model_dir="",
-        device=engine.device,
-        kv_cache_gb=engine.kv_cache_gb,
-        max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens,
-        enable_prefix_caching=engine.enable_prefix_caching,
-        max_context_tokens=engine.max_context_tokens,
-        num_threads=engine.num_threads,
-    )
     model_dirs = {name: engine.models_dir / name for name in names}
     check_fits_in_memory(model_dirs, engine.kv_cache_gb)
-    backend = OpenVINOBackend(
+    return build_worker_backend(
         model_dirs,
-        config_template=template,
-        max_in_flight=engine.max_num_seqs + engine.max_queue,
+        BackendSettings(
+            max_num_seqs=engine.max_num_seqs,
+            max_queue=engine.max_queue,
+            max_context_tokens=engine.max_context_tokens,
+            kv_cache_gb=engine.kv_cache_gb,
+            startup_timeout_s=engine.startup_timeout_s,
+            engine_options=engine.engine_options(),
+        ),
     )
-    backend.set_startup_timeout(engine.startup_timeout_s)
-    return backend
 
 
 def create_app(settings: Settings) -> Litestar:

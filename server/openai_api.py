@@ -20,11 +20,11 @@ from litestar.response import Stream
 from medserve.accel.base import (
     BackendError,
     BackendOverloaded,
-    ChatMessage,
     GenerationChunk,
     GenerationRequest,
     PromptTooLong,
-    SamplingParams,
+    Sampling,
+    Turn,
 )
 from medserve.server.errors import APIError
 from medserve.server.openai_shapes import ResponseBuilder
@@ -62,7 +62,7 @@ async def chat_completions(request: Request[Any, Any, Any], runtime: ServerState
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         model=_resolve_model(runtime, body.model),
         params=_sampling(runtime, body),
-        messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in body.messages),
+        messages=tuple(Turn(role=m.role, content=m.text()) for m in body.messages),
     )
     return await _respond(
         request, runtime, generation, body.stream, _include_usage(body), chat=True
@@ -98,11 +98,9 @@ def _resolve_model(runtime: ServerState, requested: str | None) -> str:
     return requested
 
 
-def _sampling(
-    runtime: ServerState, body: ChatCompletionRequest | CompletionRequest
-) -> SamplingParams:
+def _sampling(runtime: ServerState, body: ChatCompletionRequest | CompletionRequest) -> Sampling:
     max_tokens = body.max_completion_tokens or body.max_tokens or runtime.default_max_tokens
-    return SamplingParams(
+    return Sampling(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -127,27 +125,27 @@ async def _respond(
 ) -> Response[Any]:
     usage = request.scope.setdefault("state", {}).setdefault("usage", {})
     usage["model"] = generation.model
+    # One deadline for the whole request, first token included.
+    deadline = asyncio.get_running_loop().time() + runtime.request_timeout_s
     chunks = runtime.require_backend().generate(generation)
-    first = await _first_chunk(chunks, runtime.request_timeout_s)
+    first = await _first_chunk(chunks, deadline)
     builder = ResponseBuilder(generation, chat=chat, created=int(time.time()))
     if not stream:
         return Response(
-            await _unless_disconnected(
-                request, _collect(chunks, first, builder, usage, runtime.request_timeout_s)
-            ),
+            await _unless_disconnected(request, _collect(chunks, first, builder, usage, deadline)),
             status_code=200,
         )
     return Stream(
-        _sse(chunks, first, builder, usage, include_usage, runtime.request_timeout_s),
+        _sse(chunks, first, builder, usage, include_usage, deadline),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         status_code=200,
     )
 
 
-async def _first_chunk(chunks: AsyncIterator[GenerationChunk], timeout_s: float) -> GenerationChunk:
+async def _first_chunk(chunks: AsyncIterator[GenerationChunk], deadline: float) -> GenerationChunk:
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline):
             return await anext(chunks)
     except PromptTooLong as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
@@ -192,12 +190,12 @@ async def _collect(
     first: GenerationChunk,
     builder: ResponseBuilder,
     usage: dict[str, Any],
-    timeout_s: float,
+    deadline: float,
 ) -> dict[str, Any]:
     parts = [first.text]
     last = first
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline):
             while last.finish_reason is None:
                 last = await anext(chunks)
                 parts.append(last.text)
@@ -217,7 +215,7 @@ async def _sse(
     builder: ResponseBuilder,
     usage: dict[str, Any],
     include_usage: bool,
-    timeout_s: float,
+    deadline: float,
 ) -> AsyncIterator[bytes]:
     # aclosing: when the client disconnects, Litestar cancels this generator; closing the
     # backend stream then sends the abort that frees the request's KV blocks.
@@ -226,10 +224,10 @@ async def _sse(
             yield _event(builder.delta_event(role=True))
         chunk = first
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 while True:
                     if chunk.text:
-                        yield _event(builder.delta_event(text=chunk.text))
+                        yield builder.text_event(chunk.text)
                     if chunk.finish_reason is not None:
                         break
                     chunk = await anext(chunks)

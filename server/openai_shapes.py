@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from medserve.accel.base import GenerationChunk, GenerationRequest
+
+_PLACEHOLDER = "\x00"
+_ENCODED_PLACEHOLDER = msgspec.json.encode(_PLACEHOLDER)
 
 
 class ResponseBuilder:
@@ -15,6 +19,16 @@ class ResponseBuilder:
         self.model = generation.model
         self.chat = chat
         self.created = created
+        # A streamed answer is one event per token: encode the envelope once and splice each
+        # token's text into it, instead of building and encoding a nested dict per token.
+        template = msgspec.json.encode(self.delta_event(text=_PLACEHOLDER))
+        before, after = template.split(_ENCODED_PLACEHOLDER)
+        self._text_event_head = b"data: " + before
+        self._text_event_tail = after + b"\n\n"
+
+    def text_event(self, text: str) -> bytes:
+        """The SSE event carrying ``text``: byte for byte ``data: <delta_event(text)>``."""
+        return self._text_event_head + msgspec.json.encode(text) + self._text_event_tail
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {

@@ -68,6 +68,15 @@ class EngineSettings:
     """CPU inference threads; 0 lets OpenVINO decide (one per physical core)."""
     startup_timeout_s: float = 600.0
 
+    def engine_options(self) -> dict[str, Any]:
+        """What the engines read from settings (each engine takes the options it knows)."""
+        return {
+            "device": self.device,
+            "num_threads": self.num_threads,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "enable_prefix_caching": self.enable_prefix_caching,
+        }
+
 
 @dataclass(frozen=True)
 class CasesSettings:

@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from medserve.accel.openvino_backend import OpenVINOBackend
+from medserve.accel.base import Backend
 from medserve.server.errors import APIError
 
 
 @dataclass
 class ServerState:
-    backend: OpenVINOBackend | None
+    backend: Backend | None
     default_model: str
     default_max_tokens: int
     request_timeout_s: float
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     """Named checks for /ready, one per component (LLM backend, case index...)."""
 
-    def require_backend(self) -> OpenVINOBackend:
+    def require_backend(self) -> Backend:
         if self.backend is None:
             raise APIError(
                 404,
