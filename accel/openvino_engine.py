@@ -8,7 +8,7 @@ and prefix caching; this module only translates requests and reads each handle's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,29 +19,31 @@ from medserve.accel.engine_core import (
     PromptInput,
     StepOutput,
 )
+from medserve.accel.fast_decode import verified_fast_decoder
 from medserve.accel.protocol import Configure, FinishReason, ModelDescription
 from medserve.kv_cache.planner import KVGeometry, plan_kv_cache
 from medserve.models.manifest import read_manifest
 
-# CPU plugin properties a deployment may set through engine options, and their types.
-_CPU_PROPERTIES = {
-    "num_threads": ("INFERENCE_NUM_THREADS", int),
-    "performance_hint": ("PERFORMANCE_HINT", str),
-    "kv_cache_precision": ("KV_CACHE_PRECISION", str),
-    "dynamic_quantization_group_size": ("DYNAMIC_QUANTIZATION_GROUP_SIZE", int),
-    "inference_precision": ("INFERENCE_PRECISION_HINT", str),
-    "enable_cpu_pinning": ("ENABLE_CPU_PINNING", bool),
-}
 
-
-def cpu_properties(options: dict[str, Any]) -> dict[str, Any]:
-    """OpenVINO properties from engine options; unset (None, 0 threads, "") means default."""
+# Engine options that map to CPU plugin properties. An unset option ("", -1, 0 threads, None)
+# leaves the plugin's own default, which differs between CPUs (AMX, AVX-512, AVX2).
+def cpu_properties(options: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenVINO CPU properties from engine options (see server/settings.py EngineSettings)."""
     properties: dict[str, Any] = {}
-    for option, (name, kind) in _CPU_PROPERTIES.items():
-        value = options.get(option)
-        if value is None or value == "" or (kind is int and value == 0 and option == "num_threads"):
-            continue
-        properties[name] = kind(value)
+    if int(options.get("num_threads") or 0) > 0:
+        properties["INFERENCE_NUM_THREADS"] = int(options["num_threads"])
+    for option, name in (
+        ("performance_hint", "PERFORMANCE_HINT"),
+        ("kv_cache_precision", "KV_CACHE_PRECISION"),
+        ("inference_precision", "INFERENCE_PRECISION_HINT"),
+    ):
+        if options.get(option):
+            properties[name] = str(options[option])
+    group_size = options.get("dynamic_quantization_group_size")
+    if group_size is not None and int(group_size) >= 0:
+        properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(group_size)
+    if options.get("cpu_pinning") in ("on", "off"):
+        properties["ENABLE_CPU_PINNING"] = options["cpu_pinning"] == "on"
     return properties
 
 
@@ -85,6 +87,11 @@ class OpenVINOEngine:
             ov_genai.GenerationFinishReason.STOP: "stop",
         }
         self._running_status = ov_genai.GenerationStatus.RUNNING
+        special = [i for i in (self._eos_token_id, *sorted(self._stop_token_ids)) if i >= 0]
+        self._decode = (
+            verified_fast_decoder(model_dir, self._ov_decode, self._encode_plain, special)
+            or self._ov_decode
+        )
 
     def describe(self) -> ModelDescription:
         import os
@@ -180,7 +187,14 @@ class OpenVINOEngine:
         return None
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        return self._decode(token_ids)
+
+    def _ov_decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        encoded = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoded.input_ids.data.tolist()[0]
 
     def stats(self) -> EngineStats:
         if not self._requests:

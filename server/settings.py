@@ -66,6 +66,16 @@ class EngineSettings:
     max_context_tokens: int = 4096
     num_threads: int = 0
     """CPU inference threads; 0 lets OpenVINO decide (one per physical core)."""
+    performance_hint: str = ""
+    """OpenVINO PERFORMANCE_HINT: LATENCY or THROUGHPUT; empty: the plugin's default."""
+    kv_cache_precision: str = ""
+    """KV-cache element type (u8, f16, bf16, f32); empty: the plugin's default (u8 on x86)."""
+    inference_precision: str = ""
+    """Activation precision (bf16, f16, f32); empty: the best the CPU supports."""
+    dynamic_quantization_group_size: int = -1
+    """Group size of int8 activations for int weights; 0 turns it off; -1: plugin default."""
+    cpu_pinning: str = ""
+    """Pin inference threads to cores: on, off; empty: the plugin's default."""
     startup_timeout_s: float = 600.0
 
     def engine_options(self) -> dict[str, Any]:
@@ -75,6 +85,11 @@ class EngineSettings:
             "num_threads": self.num_threads,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "performance_hint": self.performance_hint,
+            "kv_cache_precision": self.kv_cache_precision,
+            "inference_precision": self.inference_precision,
+            "dynamic_quantization_group_size": self.dynamic_quantization_group_size,
+            "cpu_pinning": self.cpu_pinning,
         }
 
 
@@ -331,6 +346,26 @@ def _validate(settings: Settings) -> None:
         (e.default_max_tokens >= 1, "engine.default_max_tokens must be >= 1"),
         (e.max_context_tokens >= 16, "engine.max_context_tokens must be >= 16"),
         (e.num_threads >= 0, f"engine.num_threads must be >= 0, got {e.num_threads}"),
+        (
+            e.performance_hint in {"", "LATENCY", "THROUGHPUT"},
+            f"engine.performance_hint must be LATENCY or THROUGHPUT, got {e.performance_hint!r}",
+        ),
+        (
+            e.kv_cache_precision in {"", "u8", "f16", "bf16", "f32"},
+            f"engine.kv_cache_precision must be u8, f16, bf16 or f32, got {e.kv_cache_precision!r}",
+        ),
+        (
+            e.inference_precision in {"", "bf16", "f16", "f32"},
+            f"engine.inference_precision must be bf16, f16 or f32, got {e.inference_precision!r}",
+        ),
+        (
+            e.dynamic_quantization_group_size >= -1,
+            "engine.dynamic_quantization_group_size must be -1 (default), 0 (off) or a size",
+        ),
+        (
+            e.cpu_pinning in {"", "on", "off"},
+            f"engine.cpu_pinning must be on or off, got {e.cpu_pinning!r}",
+        ),
         (
             e.max_num_batched_tokens >= 64,
             f"engine.max_num_batched_tokens must be >= 64, got {e.max_num_batched_tokens}",

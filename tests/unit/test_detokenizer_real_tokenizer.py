@@ -54,3 +54,24 @@ def test_a_stop_string_spanning_tokens_is_cut_exactly(tokenizer: object) -> None
     out = "".join(stream.push([i]) for i in ids) + stream.flush()
     assert stream.stopped
     assert out == "诊断：急性心肌梗死。"
+
+
+def test_fast_decoder_is_used_only_when_it_matches_the_engine(
+    tokenizer: object, models_dir: Path, tmp_path: Path
+) -> None:
+    from medserve.accel.fast_decode import verified_fast_decoder
+
+    reference = _decoder(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return _ids(tokenizer, text)
+
+    fast = verified_fast_decoder(models_dir / BUNDLED_MODEL, reference, encode, special_ids=[2])
+    assert fast is not None
+    ids = encode(SAMPLES[0]) + [2]
+    assert fast(ids) == reference(ids) == SAMPLES[0]
+    # A reference that differs anywhere (here: upper-casing) must keep the reference decoder.
+    assert verified_fast_decoder(
+        models_dir / BUNDLED_MODEL, lambda i: reference(i).upper(), encode
+    ) is None
+    assert verified_fast_decoder(tmp_path, reference, encode) is None  # no tokenizer.json
