@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medserve.models.manifest import try_read_manifest
+
 # OpenVINO's CPU plugin stores KV as u8 by default, with a float scale and zero point per
 # token, head and group; bf16/f16/f32 are selectable through KV_CACHE_PRECISION.
 BYTES_PER_ELEMENT = {"u8": 1, "f16": 2, "bf16": 2, "f32": 4}
@@ -100,8 +102,24 @@ def plan_kv_cache(
     )
 
 
+# Which files of a model folder hold weights that stay in RAM while serving, by manifest
+# format (models/manifest.py): tokenizer models and configs are negligible and left out.
+WEIGHT_FILES_BY_FORMAT: dict[str, tuple[str, ...]] = {
+    "openvino-ir": ("openvino_model.bin",),
+    "ipex-llm-low-bit": ("*.bin", "*.safetensors"),
+    "hf": ("*.safetensors", "*.bin"),
+    "gguf": ("*.gguf",),
+    "chatglm-cpp": ("*.bin",),
+}
+
+
 def model_weight_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.bin"))
+    """Bytes of the weights the engine keeps in memory for the folder's format."""
+    manifest = try_read_manifest(model_dir)
+    fmt = manifest.format if manifest is not None else "openvino-ir"
+    patterns = WEIGHT_FILES_BY_FORMAT.get(fmt, ("*.bin", "*.safetensors", "*.gguf"))
+    files = {path for pattern in patterns for path in Path(model_dir).glob(pattern)}
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def physical_memory_bytes() -> int:

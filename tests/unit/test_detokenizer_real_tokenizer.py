@@ -68,7 +68,7 @@ def test_fast_decoder_is_used_only_when_it_matches_the_engine(
 
     fast = verified_fast_decoder(models_dir / BUNDLED_MODEL, reference, encode, special_ids=[2])
     assert fast is not None
-    ids = encode(SAMPLES[0]) + [2]
+    ids = [*encode(SAMPLES[0]), 2]
     assert fast(ids) == reference(ids) == SAMPLES[0]
     # A reference that differs anywhere (here: upper-casing) must keep the reference decoder.
     assert verified_fast_decoder(

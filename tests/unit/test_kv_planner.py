@@ -67,3 +67,27 @@ def test_memory_check_counts_weights_and_pools(tmp_path: Path) -> None:
     with pytest.raises(KVPlanError) as error:
         check_fits_in_memory({"a": model, "b": model}, cache_gb=4.0, total_ram=8 * 1024**3)
     assert "engine.kv_cache_gb=4" in str(error.value) and "2 model(s)" in str(error.value)
+
+
+def test_weight_bytes_follow_the_manifest_format(tmp_path: Path) -> None:
+    from medserve.kv_cache.planner import model_weight_bytes
+    from medserve.models.manifest import ModelManifest, write_manifest
+
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    (ir / "openvino_model.bin").write_bytes(b"\0" * 1000)
+    (ir / "openvino_tokenizer.bin").write_bytes(b"\0" * 50)  # not weights kept per token
+    write_manifest(ir, ModelManifest(name="ir", precision="int8"))
+    assert model_weight_bytes(ir) == 1000
+
+    low_bit = tmp_path / "low-bit"
+    low_bit.mkdir()
+    (low_bit / "pytorch_model.bin").write_bytes(b"\0" * 700)
+    (low_bit / "model.safetensors").write_bytes(b"\0" * 300)
+    write_manifest(
+        low_bit,
+        ModelManifest(
+            name="lb", precision="sym_int4", engine="ipex-llm", format="ipex-llm-low-bit"
+        ),
+    )
+    assert model_weight_bytes(low_bit) == 1000
