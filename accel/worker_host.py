@@ -10,6 +10,9 @@ isolation (one bad request never takes the others down) and stats. The engine co
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,8 @@ from medserve.accel.text_stream import TextStream
 
 IDLE_POLL_S = 0.05
 """How long an idle worker blocks waiting for a message: no CPU when idle, 50 ms to wake."""
+STEP_WINDOW = 512
+"""Recent engine steps kept for the step-time figures in stats."""
 
 
 @dataclass
@@ -43,6 +48,9 @@ class WorkerHost:
         self.engine = engine
         self.channel = channel
         self.running: dict[str, _Running] = {}
+        self.step_seconds: deque[float] = deque(maxlen=STEP_WINDOW)
+        """Durations of recent engine steps that produced tokens: the engine's own speed,
+        against which the latency a client sees is judged."""
 
     def run(self) -> None:
         """Serve until Shutdown or until the server's end of the channel closes."""
@@ -63,11 +71,14 @@ class WorkerHost:
             # Keep stepping after the last request was cancelled: engines free a cancelled
             # request's KV blocks on their next step.
             if self.engine.has_work():
+                started = time.perf_counter()
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a failed step poisons every running request
                     self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
                     continue
+                if any(output.token_ids for output in outputs):
+                    self.step_seconds.append(time.perf_counter() - started)
                 deltas = self._deltas(outputs)
                 if deltas:
                     self.channel.send(Outputs(deltas))
@@ -147,6 +158,7 @@ class WorkerHost:
             "kv_cache_usage": engine.kv_cache_usage,
             "kv_cache_bytes": engine.kv_cache_bytes,
             "kv_capacity_tokens_estimate": engine.kv_capacity_tokens,
+            **step_figures(self.step_seconds),
             **engine.extra,
         }
 
@@ -155,6 +167,17 @@ class WorkerHost:
             self.engine.abort(request_id)
             self.channel.send(Failed(request_id, "backend", reason))
         self.running.clear()
+
+
+def step_figures(durations: deque[float]) -> dict[str, float]:
+    """Median and p90 of recent step times in ms (0 before the first step)."""
+    if not durations:
+        return {"step_ms_p50": 0.0, "step_ms_p90": 0.0}
+    ordered = sorted(durations)
+    return {
+        "step_ms_p50": round(statistics.median(ordered) * 1000, 3),
+        "step_ms_p90": round(ordered[int(0.9 * (len(ordered) - 1))] * 1000, 3),
+    }
 
 
 def _describe(exc: Exception) -> str:
