@@ -14,9 +14,13 @@ import json
 import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
+from medserve.models.layouts import Layout, LayoutError, detect_layout, export_python
 from medserve.quant.accuracy import EVAL_TEXTS, AccuracyError, compare_to_reference
 from medserve.quant.export import (
     ExportError,
@@ -67,10 +71,19 @@ def convert_hf_model(
     """
     hf_dir, models_dir = Path(hf_dir).expanduser(), Path(models_dir).expanduser()
     config = _check_arguments(hf_dir, name, weight_format, group_size, reference)
+    try:
+        layout = detect_layout(hf_dir)
+        python = export_python(layout)
+    except LayoutError as exc:
+        raise ExportError(str(exc)) from exc
     final_dir = models_dir / name
-    with staged_dir(final_dir) as stage:
-        export_openvino(hf_dir, stage, weight_format, group_size=group_size, progress=progress)
-        _check_tokenizer(stage, hf_dir)
+    with staged_dir(final_dir) as stage, _export_source(hf_dir, layout, stage, progress) as src:
+        if python != sys.executable:
+            _say(progress, f"{layout.family}: exporting in the converter environment {python}")
+        export_openvino(
+            src, stage, weight_format, group_size=group_size, progress=progress, python=python
+        )
+        _check_tokenizer(stage, src)
         accuracy: dict[str, Any] | None = None
         if reference is not None:
             _say(progress, f"accuracy gate: perplexity of {name} vs {reference} ...")
@@ -101,6 +114,9 @@ def convert_hf_model(
             "context_length": _context_length(config, hf_dir),
             "source": {
                 "hf_dir": str(hf_dir.resolve()),
+                "layout": layout.model_type,
+                "family": layout.family,
+                "exported_as": layout.export_model_type,
                 "weight_format": weight_format,
                 "group_size": group_size,
                 "converter": "medserve.quant.convert",
@@ -112,6 +128,26 @@ def convert_hf_model(
     return final_dir
 
 
+@contextmanager
+def _export_source(hf_dir: Path, layout: Layout, stage: Path, progress: bool) -> Iterator[Path]:
+    """The folder optimum exports: ``hf_dir`` itself, or its ``glm`` conversion for a
+    ``chatglm`` checkpoint, written beside the staging folder (same disk, which has room for
+    the model) and removed afterwards."""
+    if not layout.convert_chatglm:
+        yield hf_dir
+        return
+    from medserve.models.chatglm_convert import convert_chatglm_checkpoint, default_progress
+
+    with tempfile.TemporaryDirectory(prefix=f"{stage.name}.glm-", dir=stage.parent) as tmp:
+        try:
+            convert_chatglm_checkpoint(
+                hf_dir, Path(tmp), progress=default_progress if progress else None
+            )
+        except (ValueError, OSError) as exc:  # layout and tokenizer errors are ValueErrors
+            raise ExportError(f"cannot convert the chatglm checkpoint {hf_dir}: {exc}") from exc
+        yield Path(tmp)
+
+
 def default_models_dir() -> Path:
     home = Path(os.environ.get("MEDSERVE_HOME", Path.home() / ".medserve")).expanduser()
     return home / "models"
@@ -120,7 +156,12 @@ def default_models_dir() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="medserve export",
-        description="Convert a local Hugging Face model folder to a servable OpenVINO IR folder.",
+        description=(
+            "Convert a local Hugging Face model folder to a servable OpenVINO IR folder. "
+            "GLM-family folders are taken as downloaded: chatglm (ChatGLM2/3-6B, "
+            "GLM-4-9B-chat; converted first, no remote code), glm (GLM-4-9B-chat-hf) and "
+            "glm4 (GLM-4-0414, GLM-Z1)."
+        ),
     )
     parser.add_argument("--hf-dir", type=Path, required=True, help="local HF model folder")
     parser.add_argument("--name", required=True, help="model name (folder under --models-dir)")

@@ -35,12 +35,15 @@ def export_openvino(
     weight_format: WeightFormat,
     group_size: int | None = None,
     progress: bool = True,
+    python: str | None = None,
 ) -> Path:
     """Export ``hf_dir`` with ``optimum-cli export openvino`` into ``out_dir`` (created).
 
     int4 needs a group size dividing the hidden size: when ``group_size`` is None the largest
     of 128/64/32 that divides it is used, and ``--group-size-fallback adjust`` covers layers
-    whose width still does not fit.
+    whose width still does not fit. ``python`` is the interpreter whose optimum runs the
+    export (default: this one); a layout that needs another transformers version passes the
+    converter environment's (``medserve.models.layouts``).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if weight_format not in ("int8", "fp16", "int4", "fp32"):
@@ -48,7 +51,7 @@ def export_openvino(
     if weight_format != "int4" and group_size is not None:
         raise ValueError(f"group_size={group_size} only applies to int4, not {weight_format}")
     command = [
-        *_optimum_cli(),
+        *_optimum_cli(python),
         "export",
         "openvino",
         "--model",
@@ -168,10 +171,10 @@ def staged_dir(final_dir: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _optimum_cli() -> list[str]:
-    # This interpreter's own optimum, never an optimum-cli found on PATH or with a stale
+def _optimum_cli(python: str | None = None) -> list[str]:
+    # A named interpreter's own optimum, never an optimum-cli found on PATH or with a stale
     # shebang from a moved virtual environment.
-    return [sys.executable, "-m", "optimum.commands.optimum_cli"]
+    return [python or sys.executable, "-m", "optimum.commands.optimum_cli"]
 
 
 def _int4_group_size(hf_dir: Path) -> int:

@@ -1,8 +1,9 @@
 """The serving contract every engine must pass, over real HTTP against a real worker process.
 
 An engine's test module subclasses ``EngineContract`` and provides the class-scoped
-``contract`` fixture (``@pytest.fixture(scope="class")`` over ``@classmethod``): a running server (started with ``contract_env(...)``, so one sequence
-runs and one waits) and the model name to test. The tests are the same for every engine:
+``contract`` fixture (``@pytest.fixture(scope="class")`` over ``@classmethod``): a running
+server (started with ``contract_env(...)``, so one sequence runs and one waits) and the model
+name to test. The tests are the same for every engine:
 streaming equals the non-streamed answer, stop strings, max_tokens, cancel frees the KV cache
 inside the engine, back-pressure, and a worker killed like an OOM kill fails its in-flight
 request at once and comes back.

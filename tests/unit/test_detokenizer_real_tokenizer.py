@@ -71,7 +71,8 @@ def test_fast_decoder_is_used_only_when_it_matches_the_engine(
     ids = [*encode(SAMPLES[0]), 2]
     assert fast(ids) == reference(ids) == SAMPLES[0]
     # A reference that differs anywhere (here: upper-casing) must keep the reference decoder.
-    assert verified_fast_decoder(
-        models_dir / BUNDLED_MODEL, lambda i: reference(i).upper(), encode
-    ) is None
+    assert (
+        verified_fast_decoder(models_dir / BUNDLED_MODEL, lambda i: reference(i).upper(), encode)
+        is None
+    )
     assert verified_fast_decoder(tmp_path, reference, encode) is None  # no tokenizer.json
