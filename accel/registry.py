@@ -45,6 +45,7 @@ ENGINES: dict[str, EngineEntry] = {
     "ipex-llm": EngineEntry(
         "ipex-llm", "medserve.accel.ipex_llm_engine", ".venv-ipex-llm", ("ipex-llm-low-bit",)
     ),
+    "ipex": EngineEntry("ipex", "medserve.accel.ipex_engine", ".venv-ipex", ("hf",)),
 }
 
 

@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         from medserve.quant.convert import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["quantize"]:
+        # The quantizer runs in the engine's own environment; this process only drives it.
+        from medserve.quant.quantize import main as quantize_main
+
+        return quantize_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medserve", description="On-premise LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("bench", help="benchmark a running server (see `medserve bench -h`)")
     commands.add_parser(
         "export", help="convert a local HF model folder to OpenVINO IR (`medserve export -h`)"
+    )
+    commands.add_parser(
+        "quantize", help="quantize a local HF model folder for ipex-llm (`medserve quantize -h`)"
     )
 
     setup = commands.add_parser(
