@@ -209,8 +209,11 @@ def roofline_tokens_per_s(bandwidth_gb_s: float, per_token_bytes: int) -> float:
     return bandwidth_gb_s * 1e9 / per_token_bytes
 
 
-def measured_tokens_per_s(value: str) -> tuple[float, str]:
-    """A measured decode rate and where it came from: a number or a benchmark JSON file."""
+def measured_tokens_per_s(value: str, name: str = "") -> tuple[float, str]:
+    """A measured decode rate and where it came from: a number or a benchmark JSON file.
+
+    A llama-bench file may hold several models: the entry whose GGUF is named ``name`` wins.
+    """
     if not value.endswith(".json"):
         return float(value), "given"
     data: Any = json.loads(Path(value).expanduser().read_text(encoding="utf-8"))
@@ -219,6 +222,8 @@ def measured_tokens_per_s(value: str) -> tuple[float, str]:
         return 1000.0 / float(data["itl_median_ms"]), f"1000/ITL, concurrency {c}"
     if isinstance(data, list):  # llama-bench -o json: one entry per test
         generation = [t for t in data if t.get("n_gen", 0) > 0 and t.get("n_prompt", 0) == 0]
+        same = [t for t in generation if Path(t.get("model_filename", "")).stem == name]
+        generation = same or generation
         if generation:
             return float(generation[0]["avg_ts"]), f"llama-bench tg{generation[0]['n_gen']}"
     raise ValueError(f"{value}: not a medserve bench or llama-bench JSON result")
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             name, sep, value = item.partition("=")
             if not sep or name not in by_name:
                 raise ValueError(f"--measured {item!r}: use NAME=VALUE with NAME one of the models")
-            measured.append((name, *measured_tokens_per_s(value)))
+            measured.append((name, *measured_tokens_per_s(value, name)))
     except (OSError, ValueError) as exc:
         print(f"medserve bench bandwidth: {exc}", file=sys.stderr)
         return 2
