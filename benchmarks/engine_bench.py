@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--url", action="append", default=[], help="an HTTP server to add")
     parser.add_argument("--url-label", action="append", default=[], help="label per --url")
-    parser.add_argument("--url-model", action="append", default=[], help="model per --url")
+    parser.add_argument(
+        "--url-model", action="append", default=[], help="model per --url (default: discover)"
+    )
     session.add_plan_arguments(parser)
     return parser
 
@@ -96,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variant or [("engine", {})]
     if len({name for name, _ in variants}) != len(variants):
         parser.error("--variant names must differ")
-    if args.url_label and len(args.url_label) != len(args.url):
-        parser.error("--url-label takes one label per --url")
+    for option in ("url_label", "url_model"):
+        values = getattr(args, option)
+        if values and len(values) != len(args.url):
+            parser.error(f"--{option.replace('_', '-')} takes one value per --url, or none")
     try:
         configures = [
             (
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, url in enumerate(args.url):
         label = args.url_label[i] if args.url_label else f"http-{i + 1}"
         try:
-            model = args.url_model[i] if i < len(args.url_model) else discover_model(url)
+            model = args.url_model[i] if args.url_model else discover_model(url)
         except Exception as exc:  # any failure here means: no usable server at that URL
             print(f"medserve bench engine: cannot reach {url}: {exc}", file=sys.stderr)
             return 2

@@ -53,6 +53,17 @@ def engine_configure(
     )
 
 
+def _describe(kind: str, configure: Configure) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "model": configure.model_name,
+        "engine": configure.engine,
+        "model_dir": configure.model_dir,
+        "options": dict(configure.options),
+        "max_num_seqs": configure.max_num_seqs,
+    }
+
+
 def _prompt_input(request_id: str, request: WorkloadRequest) -> PromptInput:
     return PromptInput(
         request_id=request_id,
@@ -85,15 +96,7 @@ class EngineCoreTarget:
         self._thread.start()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "engine-core",
-            "model": self._configure.model_name,
-            "engine": self._configure.engine,
-            "model_dir": self._configure.model_dir,
-            "options": dict(self._configure.options),
-            "max_num_seqs": self._configure.max_num_seqs,
-            **step_figures(self._step_seconds),
-        }
+        return {**_describe("engine-core", self._configure), **step_figures(self._step_seconds)}
 
     async def generate(self, request: WorkloadRequest) -> Completion:
         loop = asyncio.get_running_loop()
@@ -183,15 +186,8 @@ class WorkerTarget:
         await self._client.start()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "engine-worker",
-            "model": self._configure.model_name,
-            "engine": self._configure.engine,
-            "model_dir": self._configure.model_dir,
-            "options": dict(self._configure.options),
-            "max_num_seqs": self._configure.max_num_seqs,
-            **{k: v for k, v in self._final_stats.items() if k.startswith("step_ms")},
-        }
+        steps = {k: v for k, v in self._final_stats.items() if k.startswith("step_ms")}
+        return {**_describe("engine-worker", self._configure), **steps}
 
     async def generate(self, request: WorkloadRequest) -> Completion:
         generation = GenerationRequest(

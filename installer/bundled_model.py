@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from medserve.models.manifest import default_home
 from medserve.quant.export import (
     WeightFormat,
     export_openvino,
@@ -64,10 +65,6 @@ VARIANTS = (Variant("smollm2-135m-instruct", "int8"), Variant("smollm2-135m-inst
 
 class BundledModelError(RuntimeError):
     """A step of the bundled-model preparation failed; the message says what to do."""
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("MEDSERVE_HOME", Path.home() / ".medserve")).expanduser()
 
 
 def prepare_bundled_model(home: Path, *, progress: bool = True, force: bool = False) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from medserve.models.layouts import Layout, LayoutError, detect_layout, export_python
+from medserve.models.manifest import default_models_dir
 from medserve.quant.accuracy import EVAL_TEXTS, AccuracyError, compare_to_reference
 from medserve.quant.export import (
     ExportError,
@@ -146,11 +146,6 @@ def _export_source(hf_dir: Path, layout: Layout, stage: Path, progress: bool) ->
         except (ValueError, OSError) as exc:  # layout and tokenizer errors are ValueErrors
             raise ExportError(f"cannot convert the chatglm checkpoint {hf_dir}: {exc}") from exc
         yield Path(tmp)
-
-
-def default_models_dir() -> Path:
-    home = Path(os.environ.get("MEDSERVE_HOME", Path.home() / ".medserve")).expanduser()
-    return home / "models"
 
 
 def main(argv: list[str] | None = None) -> int:

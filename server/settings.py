@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medserve.models.manifest import default_home
+
 ENV_PREFIX = "MEDSERVE_"
 
 
 class SettingsError(ValueError):
     """A configuration value is missing, unknown or malformed."""
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("MEDSERVE_HOME", Path.home() / ".medserve")).expanduser()
 
 
 @dataclass(frozen=True)
