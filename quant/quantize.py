@@ -3,6 +3,7 @@
     medserve quantize --engine ipex-llm --hf-dir DIR --low-bit sym_int4 --name NAME
         [--models-dir D] [--reference MODEL_DIR --max-ppl-increase 0.10]
     medserve quantize --engine ipex --hf-dir DIR --low-bit bf16 --name NAME
+    medserve quantize --preview --hf-dir DIR [...]     (every candidate: quant/preview.py)
 
 The work runs in the engine's own environment (quant/ipex_llm_job.py in .venv-ipex-llm,
 quant/ipex_job.py in .venv-ipex, started with that environment's interpreter): this process
@@ -302,9 +303,16 @@ def _say(progress: bool, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--preview" in argv:
+        # Every candidate instead of one build: its own options (quant/preview.py).
+        from medserve.quant.preview import main as preview_main
+
+        return preview_main([arg for arg in argv if arg != "--preview"])
     parser = argparse.ArgumentParser(
         prog="medserve quantize",
         description="Quantize a local Hugging Face model folder into a servable low-bit folder.",
+        epilog="`medserve quantize --preview -h`: build every candidate, measure and judge each.",
     )
     parser.add_argument("--engine", required=True, choices=sorted(TARGETS), help="serving engine")
     parser.add_argument("--hf-dir", type=Path, required=True, help="local HF model folder")

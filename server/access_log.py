@@ -1,6 +1,10 @@
-"""ASGI middleware: request id, API-key check, and one access/audit log line per request.
+"""ASGI middleware: request id and one access log line per request.
 
-The log line carries who (key fingerprint, client IP, user agent), what (method, route, status),
+It is the outermost middleware, so refused requests (401, 403, 429) are logged too.  Who may
+call what is decided by server/auth (the next middleware), which leaves the caller's Principal
+in ``scope["state"]``; the patient-data audit trail is server/audit.
+
+The log line carries who (key id, client IP, user agent), what (method, route, status),
 how long and how many tokens -- never a body, a query string or a header value that could hold
 patient content.  It is written when the response is complete, so streamed responses are
 logged with their final token counts and full latency.
@@ -8,32 +12,21 @@ logged with their final token counts and full latency.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import time
 import uuid
 from typing import Any
 
-import msgspec
 import structlog
-from medserve.server.errors import error_body
 
 log = structlog.get_logger("medserve.access")
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_OPEN_PATHS = ("/health", "/ready")
-
-
-def key_fingerprint(key: str) -> str:
-    """Identifies which key was used without writing the key to the log."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: Any, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.api_keys = tuple(k.encode() for k in api_keys)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -54,15 +47,11 @@ class AccessLogMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        actor = self._authenticate(scope["path"], headers)
         try:
-            if actor is None:
-                await self._reject(send_with_id)
-            else:
-                state["actor"] = actor
-                await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             usage = state.get("usage", {})
+            principal = state.get("principal")
             client = scope.get("client") or ("-", 0)
             log.info(
                 "request",
@@ -71,50 +60,16 @@ class AccessLogMiddleware:
                 route=_route(scope),
                 status=status_holder["status"],
                 latency_ms=round((time.perf_counter() - started) * 1000, 1),
-                actor=actor or "rejected",
+                actor=principal.actor if principal else "-",
                 client_ip=client[0],
                 user_agent=headers.get("user-agent", b"").decode("latin-1")[:120],
                 **{k: v for k, v in usage.items() if k in _USAGE_KEYS},
             )
 
-    def _authenticate(self, path: str, headers: dict[str, bytes]) -> str | None:
-        """Returns the actor name, or None when a key is required and missing or wrong."""
-        if not self.api_keys or not path.startswith("/v1/"):
-            return "anonymous"
-        auth = headers.get("authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return None
-        for key in self.api_keys:
-            if hmac.compare_digest(token.strip(), key):
-                return "key:" + key_fingerprint(key.decode())
-        return None
-
-    @staticmethod
-    async def _reject(send: Any) -> None:
-        body = msgspec.json.encode(
-            error_body(
-                401,
-                "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                code="invalid_api_key",
-            )
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
 
 def _route(scope: dict[str, Any]) -> str:
     """The matched route template (/v1/cases/{case_id}), never the raw path: path parameters
-    such as case ids can identify a patient.  Requests refused before routing (401) have none."""
+    such as case ids can identify a patient.  Paths that match no route (404) have none."""
     template = scope.get("path_template")
     return str(template) if template else "<unmatched>"
 

@@ -22,6 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         from medserve.quant.convert import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["keys"]:
+        # Key management edits a local file; it needs no server, model or key.
+        from medserve.server.auth.cli import main as keys_main
+
+        return keys_main(argv[1:])
+    if argv[:1] == ["audit"]:
+        from medserve.server.audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     if argv[:1] == ["quantize"]:
         # The quantizer runs in the engine's own environment; this process only drives it.
         from medserve.quant.quantize import main as quantize_main
@@ -41,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "export", help="convert a local HF model folder to OpenVINO IR (`medserve export -h`)"
     )
+    commands.add_parser("keys", help="create, list, revoke, rotate API keys (`medserve keys -h`)")
+    commands.add_parser("audit", help="verify or rotate the audit trail (`medserve audit -h`)")
     commands.add_parser(
         "quantize", help="quantize a local HF model folder for ipex-llm (`medserve quantize -h`)"
     )
@@ -92,13 +103,25 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
 
+    from medserve.server import egress_guard
+    from medserve.server.logging_setup import configure_logging
+    from medserve.server.tls import uvicorn_ssl_options
+
+    configure_logging(settings.server.log_level)
+    # Before anything else is imported or started: no library gets a chance to call out.
+    egress_guard.install(allowed_hosts=[settings.server.host])
+    try:
+        ssl_options = uvicorn_ssl_options(settings.server)
+    except SettingsError as exc:
+        print(f"medserve: configuration error: {exc}", file=sys.stderr)
+        return 2
+
     import uvicorn
     from medserve.accel.base import BackendError
     from medserve.kv_cache.planner import KVPlanError
     from medserve.server.app import create_app
-    from medserve.server.logging_setup import configure_logging
+    from medserve.server.header_timeout import header_timeout_protocol
 
-    configure_logging(settings.server.log_level)
     try:
         app = create_app(settings)
     except (KVPlanError, BackendError) as exc:
@@ -111,7 +134,13 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        loop="medserve.server.egress_guard:guarded_event_loop",
+        http=header_timeout_protocol(settings.server.header_timeout_s),
+        # SIGTERM: listening sockets close at once (new connections are refused), idle
+        # connections close, in-flight requests and streams get this long to finish; then
+        # they are cancelled (which aborts their generations) and the components stop.
+        timeout_graceful_shutdown=settings.server.drain_timeout_s,
+        **ssl_options,
     )
     server = uvicorn.Server(config_)
     server.run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -27,6 +28,20 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "server_overloaded",
 }
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    """The request field at fault (``messages[0].role``), when one is."""
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    """The body of every error response (documents the OpenAPI ``default`` response)."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):

@@ -26,8 +26,19 @@ from medserve.accel.base import (
     Sampling,
     Turn,
 )
+from medserve.server.api_docs import documented
+from medserve.server.audit.context import audited
+from medserve.server.auth.scopes import CHAT, EMBEDDINGS, route_scope
 from medserve.server.errors import APIError
-from medserve.server.openai_shapes import ResponseBuilder
+from medserve.server.metrics import Metrics
+from medserve.server.openai_shapes import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ModelCard,
+    ModelList,
+    ResponseBuilder,
+)
 from medserve.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,7 +47,7 @@ from medserve.server.schemas import (
 from medserve.server.state import ServerState
 
 
-@get("/models")
+@get("/models", opt=route_scope(CHAT, EMBEDDINGS), operation_class=documented(None, ModelList))
 async def list_models(runtime: ServerState) -> dict[str, Any]:
     return {
         "object": "list",
@@ -47,7 +58,11 @@ async def list_models(runtime: ServerState) -> dict[str, Any]:
     }
 
 
-@get("/models/{model_id:str}")
+@get(
+    "/models/{model_id:str}",
+    opt=route_scope(CHAT, EMBEDDINGS),
+    operation_class=documented(None, ModelCard),
+)
 async def get_model(runtime: ServerState, model_id: str) -> dict[str, Any]:
     for m in runtime.require_backend().models():
         if m.name == model_id:
@@ -55,8 +70,15 @@ async def get_model(runtime: ServerState, model_id: str) -> dict[str, Any]:
     raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
 
 
-@post("/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any], runtime: ServerState) -> Response[Any]:
+@post(
+    "/chat/completions",
+    status_code=200,
+    opt=route_scope(CHAT) | audited("chat.create"),
+    operation_class=documented(ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk),
+)
+async def chat_completions(
+    request: Request[Any, Any, Any], runtime: ServerState, metrics: Metrics
+) -> Response[Any]:
     body = decode_body(await request.body(), ChatCompletionRequest)
     generation = GenerationRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -65,14 +87,21 @@ async def chat_completions(request: Request[Any, Any, Any], runtime: ServerState
         messages=tuple(Turn(role=m.role, content=m.text()) for m in body.messages),
     )
     return await _respond(
-        request, runtime, generation, body.stream, _include_usage(body), chat=True
+        request, runtime, metrics, generation, body.stream, _include_usage(body), chat=True
     )
 
 
-@post("/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any], runtime: ServerState) -> Response[Any]:
+@post(
+    "/completions",
+    status_code=200,
+    opt=route_scope(CHAT) | audited("completion.create"),
+    operation_class=documented(CompletionRequest, Completion, stream=Completion),
+)
+async def completions(
+    request: Request[Any, Any, Any], runtime: ServerState, metrics: Metrics
+) -> Response[Any]:
     body = decode_body(await request.body(), CompletionRequest)
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # schema: 1 item
     generation = GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         model=_resolve_model(runtime, body.model),
@@ -80,7 +109,7 @@ async def completions(request: Request[Any, Any, Any], runtime: ServerState) -> 
         prompt=prompt,
     )
     return await _respond(
-        request, runtime, generation, body.stream, _include_usage(body), chat=False
+        request, runtime, metrics, generation, body.stream, _include_usage(body), chat=False
     )
 
 
@@ -102,12 +131,23 @@ def _sampling(runtime: ServerState, body: ChatCompletionRequest | CompletionRequ
     max_tokens = body.max_completion_tokens or body.max_tokens or runtime.default_max_tokens
     return Sampling(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=_temperature(body.temperature),
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         seed=body.seed,
         stop=body.stop_strings(),
     )
+
+
+def _temperature(requested: float | None) -> float:
+    if requested is None:
+        return 1.0
+    # Below 1e-3 sampling is greedy in all but name, and float32 (the engine's) rounds the
+    # smallest values to 0 anyway: decode greedily rather than divide by ~0.
+    return 0.0 if requested < _GREEDY_BELOW else requested
+
+
+_GREEDY_BELOW = 1e-3
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -117,6 +157,7 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def _respond(
     request: Request[Any, Any, Any],
     runtime: ServerState,
+    metrics: Metrics,
     generation: GenerationRequest,
     stream: bool,
     include_usage: bool,
@@ -127,7 +168,9 @@ async def _respond(
     usage["model"] = generation.model
     # One deadline for the whole request, first token included.
     deadline = asyncio.get_running_loop().time() + runtime.request_timeout_s
-    chunks = runtime.require_backend().generate(generation)
+    chunks = metrics.observe_generation(
+        generation.model, runtime.require_backend().generate(generation)
+    )
     first = await _first_chunk(chunks, deadline)
     builder = ResponseBuilder(generation, chat=chat, created=int(time.time()))
     if not stream:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from medserve.accel.base import GenerationChunk, GenerationRequest
@@ -86,3 +86,95 @@ class ResponseBuilder:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
         body["usage"] = self._usage(last)
         return body
+
+
+# -- Documented shapes --------------------------------------------------------------------
+# The builder above writes dicts (faster than Structs on the streaming path); these Structs
+# describe the same bodies for the OpenAPI document, and the schemathesis test checks every
+# response against them.
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(msgspec.Struct):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(msgspec.Struct):
+    role: Literal["assistant"] | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One server-sent event of a streamed chat completion (``data: <this JSON>``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChunkChoice]
+    usage: Usage | msgspec.UnsetType = msgspec.UNSET
+    """Only in the last event before ``[DONE]``, with stream_options.include_usage."""
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class Completion(msgspec.Struct):
+    """A completion; streamed, each event carries one of these (usage only in the last)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoice]
+    usage: Usage | msgspec.UnsetType = msgspec.UNSET
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ModelCard]

@@ -1,7 +1,14 @@
 """OpenAI-compatible request bodies, decoded and validated with msgspec.
 
-Unknown fields are ignored (official clients send many we do not use); fields we cannot honour
-with a different meaning (n > 1, tools) are rejected explicitly rather than silently dropped.
+Nothing a client sends is silently ignored: a field outside the OpenAI API is a 400 naming it
+(``forbid_unknown_fields``), and an OpenAI field this server does not implement (logprobs,
+tools, response_format, penalties...) is declared here so the OpenAPI document lists it, and
+is a 400 naming it whenever it asks for anything but the default behaviour.  Clients that
+send the defaults explicitly (``"n": 1``, ``"presence_penalty": 0``) keep working.
+
+The same Structs produce the OpenAPI request schemas (server/api_docs.py), so the document and
+the validation cannot disagree.  Lengths are bounded here too; the body-size limit
+(server.max_body_bytes) bounds the total.
 """
 
 from __future__ import annotations
@@ -12,59 +19,74 @@ import msgspec
 from medserve.server.errors import APIError
 from medserve.server.json_body import decode_json
 
+MAX_MESSAGES = 512
+MAX_CONTENT_PARTS = 64
+MAX_TEXT_CHARS = 262_144
+"""Per string (a message, a part, a prompt): more than any served context holds."""
+MAX_NAME_CHARS = 256
+
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, msgspec.Meta(ge=0)]
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+# The engine samples in float32: a top_p below float32's range rounds to 0, which it refuses.
+TopP = Annotated[float, msgspec.Meta(ge=1e-6, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-StopStrings = (
-    str | Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=4)]
-)
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+StopStrings = StopString | Annotated[list[StopString], msgspec.Meta(max_length=4)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=128)]
 
 
-class TextPart(msgspec.Struct):
-    type: str
-    text: str | None = None
+class TextPart(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text"]
+    """Only text: images, audio and files are not supported."""
+    text: Text
 
 
-class Message(msgspec.Struct):
+class Message(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | Annotated[list[TextPart], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = (
+        None
+    )
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text":
-                raise APIError(
-                    400,
-                    f"content part type {part.type!r} is not supported; only 'text' is",
-                    param="messages",
-                )
-            parts.append(part.text or "")
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
-class StreamOptions(msgspec.Struct):
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
-    model: str | None = None
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: Name | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    """Extension (as in vLLM): sample from the k most likely tokens; 0 or absent = all."""
     seed: Seed | None = None
     stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    user: str | None = None
+    user: Name | None = None
+    """Accepted for client compatibility; never logged (it may identify a person)."""
+    # Declared but not implemented: anything but the default is a 400 naming the field.
+    n: Count = 1
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -72,15 +94,35 @@ class _Sampling(msgspec.Struct, kw_only=True):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class ChatCompletionRequest(_Sampling, kw_only=True):
-    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
-    tools: list[Any] | None = None
+class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
+    # Declared but not implemented (see _reject_unsupported).
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str]
+class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    prompt: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=1)]
+    """One prompt per request (a list must hold exactly one)."""
+    # Declared but not implemented (see _reject_unsupported).
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    best_of: Count | None = None
 
 
 T = TypeVar("T")
@@ -94,14 +136,76 @@ def decode_body(body: bytes, request_type: type[T]) -> T:
 
 
 def _reject_unsupported(request: Any) -> None:
-    if request.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    if isinstance(request, ChatCompletionRequest) and request.tools:
-        raise APIError(400, "tool calling is not supported by this server", param="tools")
-    if isinstance(request, CompletionRequest):
-        if request.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if request.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if isinstance(request.prompt, list) and len(request.prompt) != 1:
-            raise APIError(400, "send exactly one prompt per request", param="prompt")
+    for param, asks_for_it, message in _unsupported(request):
+        if asks_for_it:
+            text = message if param in message else f"{param}: {message}"
+            raise APIError(400, text, param=param, code="unsupported_parameter")
+
+
+def _unsupported(request: Any) -> list[tuple[str, bool, str]]:
+    checks = [
+        ("n", request.n != 1, "only n=1 is supported"),
+        (
+            "frequency_penalty",
+            bool(request.frequency_penalty),
+            "frequency_penalty is not supported",
+        ),
+        ("presence_penalty", bool(request.presence_penalty), "presence_penalty is not supported"),
+        ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
+    ]
+    if isinstance(request, ChatCompletionRequest):
+        response_format = request.response_format
+        checks += [
+            ("logprobs", bool(request.logprobs), "logprobs are not supported"),
+            ("top_logprobs", bool(request.top_logprobs), "top_logprobs are not supported"),
+            (
+                "response_format",
+                response_format is not None and response_format.type != "text",
+                "response_format json_object/json_schema (structured output) is not supported "
+                "yet; only {'type': 'text'}",
+            ),
+            ("tools", bool(request.tools), "tool calling is not supported by this server"),
+            (
+                "tool_choice",
+                request.tool_choice not in (None, "none", "auto"),
+                "tool calling is not supported by this server",
+            ),
+            ("functions", bool(request.functions), "function calling is not supported"),
+            (
+                "function_call",
+                request.function_call not in (None, "none", "auto"),
+                "function calling is not supported",
+            ),
+            ("store", bool(request.store), "this server stores no completions (store=true)"),
+            ("metadata", bool(request.metadata), "metadata is only used with store, which is off"),
+            (
+                "service_tier",
+                request.service_tier not in (None, "auto", "default"),
+                "service tiers are not supported",
+            ),
+            (
+                "modalities",
+                request.modalities is not None and set(request.modalities) != {"text"},
+                "only the text modality is supported",
+            ),
+            ("audio", request.audio is not None, "audio output is not supported"),
+            ("prediction", request.prediction is not None, "predicted outputs are not supported"),
+            (
+                "reasoning_effort",
+                request.reasoning_effort is not None,
+                "reasoning_effort is not supported",
+            ),
+            (
+                "web_search_options",
+                request.web_search_options is not None,
+                "web search is not supported (no network access)",
+            ),
+        ]
+    else:
+        checks += [
+            ("echo", request.echo, "echo is not supported"),
+            ("suffix", bool(request.suffix), "suffix is not supported"),
+            ("logprobs", bool(request.logprobs), "logprobs are not supported"),
+            ("best_of", request.best_of not in (None, 1), "only best_of=1 is supported"),
+        ]
+    return checks

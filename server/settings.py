@@ -34,12 +34,27 @@ class ServerSettings:
     max_body_bytes: int = 1_048_576
     """Largest accepted request body; larger bodies get 413 before they are parsed."""
     api_keys: tuple[str, ...] = ()
-    """Bearer tokens accepted on /v1/*.  Empty means no authentication (loopback-only installs)."""
+    """Deprecated: plain bearer tokens holding every scope (a warning at start-up says so).
+    Use `medserve keys create` (scoped, hashed keys in ``auth.keys_file``) instead."""
     docs: bool = False
     """Serve the OpenAPI schema at /schema (JSON only: the HTML UIs load assets from a CDN)."""
     log_level: str = "info"
     request_timeout_s: float = 600.0
     """Longest a single generation may run before it is aborted and its KV blocks freed."""
+    tls_cert: str = ""
+    """PEM certificate chain served to clients; with ``tls_key`` it turns on HTTPS (and only
+    HTTPS: plain HTTP on the port is then refused).  Empty: plain HTTP."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (keep it readable by the service user only)."""
+    tls_client_ca: str = ""
+    """PEM CA bundle for mutual TLS: when set, every client must present a certificate signed
+    by it, or the TLS handshake fails before any HTTP is read."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: new connections are refused at once, in-flight requests (streams included)
+    get this long to finish, then they are cancelled and the server stops."""
+    header_timeout_s: float = 20.0
+    """A client must send its complete request headers within this many seconds of connecting
+    (or of starting a new request on a kept-alive connection), or the connection is closed."""
 
 
 @dataclass(frozen=True)
@@ -178,16 +193,64 @@ class CasesSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    keys_file: Path = field(default_factory=lambda: default_home() / "keys.json")
+    """Scoped API keys (salted hashes only), managed with `medserve keys`; re-read on change.
+    While no key exists here and ``server.api_keys`` is empty, the server is open (a warning
+    says so at start-up)."""
+    default_rpm: int = 0
+    """Requests per minute for a key that sets none (and for legacy and anonymous callers);
+    0: unlimited."""
+    default_tpm: int = 0
+    """Prompt plus completion tokens per minute for a key that sets none; 0: unlimited."""
+    default_max_streams: int = 0
+    """Concurrent chat/completion requests for a key that sets none; 0: unlimited."""
+
+    def __post_init__(self) -> None:
+        for name in ("default_rpm", "default_tpm", "default_max_streams"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"auth.{name} must be >= 0 (0: unlimited), got {getattr(self, name)}"
+                )
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    enabled: bool = True
+    """One hash-chained record per access to patient data; off only for test rigs."""
+    dir: Path = field(default_factory=lambda: default_home() / "audit")
+    """audit.jsonl, its rotated files, and the key that turns case ids into HMACs."""
+    fsync: bool = True
+    """fsync each batch of records before the responses they belong to are sent.  False:
+    records reach the OS at once (they survive a crash of medserve) but a power cut may lose
+    the last seconds."""
+    max_file_bytes: int = 67_108_864
+    """Rotate audit.jsonl when it reaches this size (the chain continues into the next file);
+    0: rotate only with `medserve audit rotate`."""
+
+    def __post_init__(self) -> None:
+        if self.max_file_bytes != 0 and self.max_file_bytes < 4096:
+            raise SettingsError(
+                "audit.max_file_bytes must be 0 (no size rotation) or >= 4096, "
+                f"got {self.max_file_bytes}"
+            )
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     cases: CasesSettings = field(default_factory=CasesSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "engine": EngineSettings,
     "cases": CasesSettings,
+    "auth": AuthSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -226,6 +289,15 @@ def load_settings(
     settings = Settings(**built)
     _validate(settings)
     return settings
+
+
+def load_tool_settings(config_path: Path | None = None) -> Settings:
+    """Settings for a local admin command (`medserve keys`, `medserve audit`): the same file
+    (``--config`` or ``MEDSERVE_CONFIG``) and environment as the server, so both find the
+    same key file and audit folder."""
+    if config_path is None and "MEDSERVE_CONFIG" in os.environ:
+        config_path = Path(os.environ["MEDSERVE_CONFIG"])
+    return load_settings(config_path)
 
 
 def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
@@ -338,6 +410,11 @@ def _validate(settings: Settings) -> None:
         ),
         (s.request_timeout_s > 0, "server.request_timeout_s must be > 0"),
         (all(len(k) >= 16 for k in s.api_keys), "server.api_keys: each key needs >= 16 characters"),
+        (s.drain_timeout_s >= 0, f"server.drain_timeout_s must be >= 0, got {s.drain_timeout_s}"),
+        (
+            s.header_timeout_s > 0,
+            f"server.header_timeout_s must be > 0, got {s.header_timeout_s}",
+        ),
         (e.max_num_seqs >= 1, f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}"),
         (e.kv_cache_gb > 0, f"engine.kv_cache_gb must be > 0, got {e.kv_cache_gb}"),
         (e.max_queue >= 1, f"engine.max_queue must be >= 1, got {e.max_queue}"),
@@ -372,3 +449,25 @@ def _validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
+    _validate_tls(s)
+
+
+def _validate_tls(s: ServerSettings) -> None:
+    """Checked at start-up so that a wrong path is named here, not as an SSL traceback."""
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingsError(
+            "server.tls_cert and server.tls_key go together: set both (HTTPS) or neither (HTTP)"
+        )
+    if s.tls_client_ca and not s.tls_cert:
+        raise SettingsError(
+            "server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key too"
+        )
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        value = getattr(s, name)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"server.{name}: {path} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise SettingsError(f"server.{name}: {path} is not readable by this user")

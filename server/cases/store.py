@@ -16,7 +16,9 @@ of a case and never reused after a delete, so a stale index entry can never alia
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import sqlite3
 import threading
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from medserve.server.errors import APIError
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +60,41 @@ _COLUMNS = (
 
 class StoreError(Exception):
     """The database cannot be used as is (wrong embedder, newer schema, unreadable)."""
+
+
+class StorageFull(APIError):
+    """The disk (or quota) is full: the write was rolled back, nothing earlier is lost.
+
+    An APIError so that it leaves as 507 in the OpenAI error shape wherever it is raised;
+    hospital IT sees it in the access log as status 507, the integration can retry later.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            507,
+            "the case database's disk is full; this write was not stored (cases stored "
+            "before are intact); free space under cases.data_dir and retry",
+            code="insufficient_storage",
+        )
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _full_disk_as_507() -> Iterator[None]:
+    """SQLite reports a full disk as SQLITE_FULL ("database or disk is full") and a write cut
+    short by a file-size limit as an I/O error; the OS says ENOSPC / EDQUOT / EFBIG."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StorageFull() from None
+        raise
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise StorageFull() from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -117,7 +155,7 @@ class CaseStore:
         blobs = [self._blob(v) for v in vectors]
         now = int(time.time())
         out: list[Written] = []
-        with self._lock, self._transaction():
+        with _full_disk_as_507(), self._lock, self._transaction():
             seq = self._next_seq(len(records))
             for record, blob in zip(records, blobs, strict=True):
                 seq += 1
@@ -156,7 +194,7 @@ class CaseStore:
 
     def delete(self, case_id: str) -> CaseRecord | None:
         """Removes a case; returns what was removed, or None when there was no such case."""
-        with self._lock, self._transaction():
+        with _full_disk_as_507(), self._lock, self._transaction():
             # fetchall: a RETURNING statement left half-read would block the COMMIT.
             rows = self._db.execute(
                 f"DELETE FROM cases WHERE case_id = ? RETURNING {_COLUMNS}", (case_id,)
@@ -316,8 +354,17 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")  # in WAL mode the pages hit the disk here
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (it does on SQLITE_FULL).
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
 

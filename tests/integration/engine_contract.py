@@ -66,7 +66,7 @@ class Contract:
         return httpx.post(self.url("/v1/chat/completions"), json=body, timeout=timeout)
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(self.url("/metrics"), timeout=30).json()["models"][self.model]
+        return httpx.get(self.url("/metrics.json"), timeout=30).json()["models"][self.model]
 
     def in_flight(self) -> int:
         return httpx.get(self.url("/ready"), timeout=30).json()["in_flight"][self.model]

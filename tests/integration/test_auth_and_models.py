@@ -1,4 +1,5 @@
-"""API keys (401 in the OpenAI shape, audit by key fingerprint) and serving two models at once."""
+"""Legacy ``server.api_keys`` (deprecated, every scope: 401 in the OpenAI shape, logged by key
+id, a warning at start) and serving two models at once.  Scoped keys: test_auth_scopes.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from medserve.server.access_log import key_fingerprint
+from medserve.server.auth.authenticator import legacy_key_id
 
 from tests.conftest import BUNDLED_MODEL
 from tests.server_process import ServerProcess
@@ -31,6 +32,9 @@ def keyed_server(
         "MEDSERVE_SERVER_API_KEYS": f"{KEY},another-key-abcdefghijklmnop",
         "MEDSERVE_CASES_ENABLED": "false",
         "MEDSERVE_SERVER_DOCS": "true",
+        # no scoped keys: only the legacy list decides
+        "MEDSERVE_AUTH_KEYS_FILE": str(tmp_path_factory.mktemp("keyed_home") / "keys.json"),
+        "MEDSERVE_AUDIT_DIR": str(tmp_path_factory.mktemp("keyed_audit")),
     }
     with ServerProcess.start(tmp_path_factory.mktemp("keyed"), env=env) as server:
         yield server
@@ -74,7 +78,7 @@ def test_both_models_answer_with_a_valid_key(keyed_server: ServerProcess) -> Non
         ).models.list()
 
 
-def test_audit_log_names_the_key_fingerprint_never_the_key(keyed_server: ServerProcess) -> None:
+def test_access_log_names_the_key_id_never_the_key(keyed_server: ServerProcess) -> None:
     response = httpx.get(
         keyed_server.base_url + "/v1/models", headers={"authorization": f"Bearer {KEY}"}
     )
@@ -84,17 +88,25 @@ def test_audit_log_names_the_key_fingerprint_never_the_key(keyed_server: ServerP
     assert KEY not in log
     entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     actors = {e.get("actor") for e in entries if e.get("route") == "/v1/models"}
-    assert f"key:{key_fingerprint(KEY)}" in actors
-    # refused requests are audited too (before routing, so without a route template)
-    assert any(e.get("actor") == "rejected" and e.get("status") == 401 for e in entries)
+    assert f"key:{legacy_key_id(KEY)}" in actors
+    # refused requests are logged too, with their route and no actor
+    assert any(
+        e.get("actor") == "-" and e.get("status") == 401 and e.get("route") == "/v1/models"
+        for e in entries
+    )
+    # the deprecation warning, once, at start
+    assert sum(e.get("event") == "auth.legacy_api_keys" for e in entries) == 1
 
 
 def test_docs_are_openapi_json_only_with_no_cdn_ui(keyed_server: ServerProcess) -> None:
-    schema = httpx.get(keyed_server.base_url + "/schema/openapi.json")
+    assert httpx.get(keyed_server.base_url + "/schema/openapi.json").status_code == 401
+    auth = {"authorization": f"Bearer {KEY}"}
+    schema = httpx.get(keyed_server.base_url + "/schema/openapi.json", headers=auth)
     assert schema.status_code == 200
     assert "/v1/chat/completions" in schema.json()["paths"]
     for ui in ("/schema/swagger", "/schema/redoc", "/schema/elements", "/schema/rapidoc"):
-        assert httpx.get(keyed_server.base_url + ui).status_code == 404
+        assert httpx.get(keyed_server.base_url + ui).status_code == 401  # the schema needs a key
+        assert httpx.get(keyed_server.base_url + ui, headers=auth).status_code == 404
 
 
 def test_docs_are_off_by_default(llm_server: ServerProcess) -> None:

@@ -125,7 +125,7 @@ def _wait_idle(server: ServerProcess, model: str, timeout_s: float = 20) -> dict
     deadline = time.monotonic() + timeout_s
     stats: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        stats = httpx.get(server.base_url + "/metrics").json()["models"][model]
+        stats = httpx.get(server.base_url + "/metrics.json").json()["models"][model]
         if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
             break
         time.sleep(0.2)

@@ -40,7 +40,7 @@ class TestIpexBf16(EngineContract):
             yield Contract(server, name)
 
     def test_served_by_ipex_beside_openvino(self, contract: Contract) -> None:
-        stats = httpx.get(contract.url("/metrics")).json()["models"]
+        stats = httpx.get(contract.url("/metrics.json")).json()["models"]
         assert "ipex" in stats[contract.model]
         assert stats[contract.model]["pid"] != stats[BUNDLED_MODEL]["pid"]
         answer = contract.chat(messages=PARIS, temperature=0, max_tokens=24)

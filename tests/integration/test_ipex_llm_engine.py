@@ -54,7 +54,7 @@ class TestIpexLlmSymInt4(EngineContract):
             yield Contract(server, name)
 
     def test_served_by_ipex_llm_beside_openvino(self, contract: Contract) -> None:
-        stats = httpx.get(contract.url("/metrics")).json()["models"]
+        stats = httpx.get(contract.url("/metrics.json")).json()["models"]
         assert stats[contract.model]["low_bit"] == "sym_int4"
         assert stats[contract.model]["pid"] != stats[BUNDLED_MODEL]["pid"]
         for model in (contract.model, BUNDLED_MODEL):

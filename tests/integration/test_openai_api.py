@@ -35,11 +35,11 @@ def _stream_events(server: ServerProcess, path: str, body: dict[str, Any]) -> li
 
 
 def _wait_engine_idle(server: ServerProcess, timeout_s: float = 30) -> dict[str, Any]:
-    """Poll /metrics until no request is in flight or inside the engine; return the stats."""
+    """Poll /metrics.json until no request is in flight or inside the engine; return the stats."""
     deadline = time.monotonic() + timeout_s
     stats: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        stats = httpx.get(server.base_url + "/metrics").json()["models"][BUNDLED_MODEL]
+        stats = httpx.get(server.base_url + "/metrics.json").json()["models"][BUNDLED_MODEL]
         if stats["in_flight"] == 0 and stats["engine_requests"] == 0:
             break
         time.sleep(0.2)

@@ -11,11 +11,11 @@ def _chat(body: str) -> ChatCompletionRequest:
     return decode_body(body.encode(), ChatCompletionRequest)
 
 
-def test_valid_chat_request_with_text_parts_and_unknown_fields() -> None:
+def test_valid_chat_request_with_text_parts_and_default_openai_fields() -> None:
     request = _chat(
         '{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},'
         ' {"type": "text", "text": " there"}]}], "temperature": 0, "stop": "x",'
-        ' "presence_penalty": 0.5, "logit_bias": {}}'
+        ' "presence_penalty": 0, "logit_bias": {}}'
     )
     assert request.messages[0].text() == "hi there"
     assert request.stop_strings() == ("x",)
