@@ -16,6 +16,7 @@ import sys
 from medserve.accel.protocol import BlockingChannel, Configure, Fatal, Ready
 from medserve.accel.registry import load_engine
 from medserve.accel.worker_host import WorkerHost
+from medserve.server import egress_guard
 
 CONFIGURE_TIMEOUT_S = 60.0
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     # mid-step on that signal would turn a clean stop into a crash and a restart.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # An engine library phoning home (model hub, telemetry) is refused here as in the server;
+    # the worker talks to the server only over its inherited Unix socket.
+    egress_guard.install()
     channel = BlockingChannel(socket.socket(fileno=args.fd))
     try:
         config = _wait_for_configure(channel)

@@ -62,9 +62,20 @@ class AccessLogMiddleware:
                 latency_ms=round((time.perf_counter() - started) * 1000, 1),
                 actor=principal.actor if principal else "-",
                 client_ip=client[0],
-                user_agent=headers.get("user-agent", b"").decode("latin-1")[:120],
+                user_agent=client_software(headers.get("user-agent", b"")),
                 **{k: v for k, v in usage.items() if k in _USAGE_KEYS},
             )
+
+
+_PRODUCT_TOKEN = re.compile(rb"[A-Za-z0-9._-]{1,40}(?:/[A-Za-z0-9._+-]{1,24})?")
+
+
+def client_software(user_agent: bytes) -> str:
+    """The first product token of User-Agent (``EMR-Connector/3.2``, ``OpenAI/Python 1.x``'s
+    ``OpenAI``), never the rest: comments and later tokens are free text an integration may
+    fill with anything, patient details included."""
+    match = _PRODUCT_TOKEN.match(user_agent)
+    return match.group().decode("ascii") if match else "-"
 
 
 def _route(scope: dict[str, Any]) -> str:

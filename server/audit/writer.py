@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 from medserve.server.audit.chain import GENESIS, last_record, seal
+from medserve.server.durable import fsync_dir
 
 log = structlog.get_logger("medserve.audit")
 
@@ -81,7 +82,7 @@ def _rotate_locked(directory: Path, fsync: bool) -> tuple[str, str] | None:
             os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     with contextlib.suppress(Exception):  # may run on the writer thread: never fail a batch
         log.info("audit.rotated", rotated_file=name, head=head[0], head_seq=head[1])
     return name, digest
@@ -92,14 +93,6 @@ def _head_of(path: Path) -> tuple[str, int] | None:
         size = handle.seek(0, os.SEEK_END)
         handle.seek(max(0, size - _TAIL_BYTES))
         return last_record(handle.read())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def utc_now() -> str:
@@ -217,7 +210,7 @@ class AuditLog:
             finally:
                 os.close(fd)
             if size == len(data):
-                _fsync_dir(self.directory)  # a new file: make its name durable too
+                fsync_dir(self.directory)  # a new file: make its name durable too
             if self.max_file_bytes and size >= self.max_file_bytes:
                 _rotate_locked(self.directory, self.fsync)
 

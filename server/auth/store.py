@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import structlog
 from medserve.server.auth.keys import KeyRecord
+from medserve.server.durable import write_atomically
 
 log = structlog.get_logger("medserve.auth")
 
@@ -52,23 +52,7 @@ def write_keys(path: Path, records: dict[str, KeyRecord]) -> None:
     data = msgspec.json.format(
         msgspec.json.encode(_KeyFile(keys=sorted(records.values(), key=lambda r: r.created_at)))
     )
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data + b"\n")
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import hnswlib
 import numpy as np
+from medserve.server.durable import fsync_dir
 
 MANIFEST = "index.json"
 _FORMAT = 1
@@ -329,7 +330,7 @@ class VectorIndex:
         size = tmp.stat().st_size
         digest = _sha256(tmp)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         manifest = {
             "format": _FORMAT,
             "file": final.name,
@@ -346,7 +347,7 @@ class VectorIndex:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(manifest_tmp, directory / MANIFEST)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         for old in directory.glob("index-*.hnsw*"):
             if old.name != final.name:
                 with contextlib.suppress(OSError):
@@ -361,15 +362,6 @@ def _sha256(path: Path) -> str:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

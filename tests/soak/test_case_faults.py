@@ -8,9 +8,9 @@ case acknowledged before it is still there, text intact, after a restart on the 
 
 PHI canary: one unique string sent in chat messages, case ids and texts, search and embedding
 input, custom headers, query strings and a malformed body never appears in the server's
-stdout/stderr, in /metrics or /metrics.json, or in the audit trail.  User-Agent and
-X-Request-ID are not in the list: the access log records them by design (the client's software
-name and its correlation id).
+stdout/stderr, in /metrics or /metrics.json, or in the audit trail.  User-Agent carries it
+after its first product token (the only part logged).  X-Request-ID is not in the list: the
+access log records the client's correlation id by design.
 """
 
 from __future__ import annotations
@@ -130,7 +130,12 @@ CANARY = "PHICANARY" + uuid.uuid4().hex[:12]
 
 def _send_canary_everywhere(server: ServerProcess) -> None:
     url = server.base_url
-    headers = {"X-Patient-Name": CANARY, "X-Emr-Note": f"note {CANARY}"}
+    headers = {
+        "X-Patient-Name": CANARY,
+        "X-Emr-Note": f"note {CANARY}",
+        # Only the first product token of User-Agent is logged; what follows is free text.
+        "User-Agent": f"EMR-Connector/3.2 (ward 7; patient {CANARY}) {CANARY}/1",
+    }
     with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
         chat = {
             "model": BUNDLED_MODEL,

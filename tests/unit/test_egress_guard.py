@@ -96,3 +96,31 @@ def test_installed_guard_refuses_and_logs_in_a_child_process() -> None:
     }
     # Not configured logging in the child: structlog's default still prints the event name.
     assert completed.stderr.count("egress_blocked") + completed.stdout.count("egress_blocked") >= 5
+
+
+_WORKER_PROBE = """
+import json, socket
+from medserve.accel import worker
+from medserve.server import egress_guard
+ours, theirs = socket.socketpair()
+theirs.close()  # the server is gone before it configured us: the worker exits 1
+code = worker.main(["--fd", str(ours.detach())])
+try:
+    socket.create_connection(("192.0.2.1", 80), timeout=2)
+    outcome = "connected"
+except egress_guard.EgressBlocked:
+    outcome = "blocked"
+except OSError as exc:
+    outcome = "network error " + type(exc).__name__
+print(json.dumps({"code": code, "installed": egress_guard.installed(), "outcome": outcome}))
+"""
+
+
+def test_engine_workers_install_the_guard_before_anything_else() -> None:
+    """Engine libraries run in the worker, so it needs the same wall as the server."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WORKER_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"code": 1, "installed": True, "outcome": "blocked"}
