@@ -19,13 +19,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from medserve.accel.protocol import Configure, FinishReason, ModelDescription, Sampling, Turn
+from medserve.models.manifest import ModelManifest, read_manifest
 
 
 class InvalidPrompt(Exception):
     """The client's prompt cannot run (empty, or does not fit the context)."""
+
+
+def prompt_room(prompt_ids: Sequence[int], context_length: int) -> int:
+    """Tokens left for the answer; InvalidPrompt when the prompt is empty or fills the context.
+
+    One wording for every engine, so a client sees the same 400 whichever engine serves."""
+    if not prompt_ids:
+        raise InvalidPrompt("prompt is empty after tokenization")
+    room = context_length - len(prompt_ids)
+    if room <= 0:
+        raise InvalidPrompt(
+            f"prompt is {len(prompt_ids)} tokens; this model accepts at most "
+            f"{context_length - 1} prompt tokens"
+        )
+    return room
 
 
 @dataclass(frozen=True)
@@ -91,3 +108,12 @@ class EngineCore(Protocol):
 
 class EngineLoader(Protocol):
     def __call__(self, config: Configure) -> EngineCore: ...
+
+
+def served_manifest(config: Configure, expected_format: str) -> tuple[Path, ModelManifest]:
+    """The folder and manifest the worker was configured with; refuses another format."""
+    model_dir = Path(config.model_dir)
+    manifest = read_manifest(model_dir)
+    if manifest.format != expected_format:
+        raise ValueError(f"{model_dir} holds {manifest.format!r} weights, not {expected_format!r}")
+    return model_dir, manifest

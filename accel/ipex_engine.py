@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medserve.accel.engine_core import served_manifest
 from medserve.accel.protocol import Configure
 from medserve.accel.torch_engine import (
     SteppedCausalLM,
     TorchModel,
     kv_bytes_per_token,
-    served_manifest,
     set_threads,
     stop_token_ids,
 )

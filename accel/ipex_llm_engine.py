@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 
+from medserve.accel.engine_core import served_manifest
 from medserve.accel.protocol import Configure
 from medserve.accel.torch_engine import (
     SteppedCausalLM,
     TorchModel,
     kv_bytes_per_token,
-    served_manifest,
     set_threads,
     stop_token_ids,
 )

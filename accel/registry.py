@@ -46,6 +46,12 @@ ENGINES: dict[str, EngineEntry] = {
         "ipex-llm", "medserve.accel.ipex_llm_engine", ".venv-ipex-llm", ("ipex-llm-low-bit",)
     ),
     "ipex": EngineEntry("ipex", "medserve.accel.ipex_engine", ".venv-ipex", ("hf",)),
+    "chatglm-cpp": EngineEntry(
+        "chatglm-cpp", "medserve.accel.chatglm_cpp_engine", ".venv-chatglm-cpp", ("chatglm-cpp",)
+    ),
+    "llama-cpp": EngineEntry(
+        "llama-cpp", "medserve.accel.llama_cpp_engine", ".venv-llama-cpp", ("gguf",)
+    ),
 }
 
 

@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from medserve.accel.engine_core import EngineStats, InvalidPrompt, PromptInput, StepOutput
+from medserve.accel.engine_core import (
+    EngineStats,
+    PromptInput,
+    StepOutput,
+    prompt_room,
+)
 from medserve.accel.protocol import Configure, FinishReason, ModelDescription, Sampling
 from medserve.accel.round_robin import RoundRobinScheduler
 from medserve.accel.torch_sampling import choose_token, new_generator
 from medserve.kv_cache.planner import KVGeometry
-from medserve.models.manifest import ModelManifest, read_manifest
+from medserve.models.manifest import ModelManifest
 
 
 @dataclass(eq=False)
@@ -105,14 +110,7 @@ class SteppedCausalLM:
 
     def add(self, request: PromptInput) -> int:
         prompt_ids = self._encode(request)
-        if not prompt_ids:
-            raise InvalidPrompt("prompt is empty after tokenization")
-        room = self.context_length - len(prompt_ids)
-        if room <= 0:
-            raise InvalidPrompt(
-                f"prompt is {len(prompt_ids)} tokens; this model accepts at most "
-                f"{self.context_length - 1} prompt tokens"
-            )
+        room = prompt_room(prompt_ids, self.context_length)
         sampling = request.sampling
         self._scheduler.add(
             _Sequence(
@@ -243,15 +241,6 @@ def stop_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> fr
     if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
         ids = {int(tokenizer.eos_token_id)}
     return frozenset(ids)
-
-
-def served_manifest(config: Configure, expected_format: str) -> tuple[Path, ModelManifest]:
-    """The folder and manifest the worker was configured with; refuses another format."""
-    model_dir = Path(config.model_dir)
-    manifest = read_manifest(model_dir)
-    if manifest.format != expected_format:
-        raise ValueError(f"{model_dir} holds {manifest.format!r} weights, not {expected_format!r}")
-    return model_dir, manifest
 
 
 def kv_bytes_per_token(model_dir: Path, dtype: torch.dtype) -> int:

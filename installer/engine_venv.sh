@@ -44,6 +44,77 @@ if problems:
 PY
 }
 
+
+# A GGML engine compiled for this CPU (-march=native: AVX-512, VNNI, AMX where present).
+# pip's own wheel cache ignores build flags, so a wheel built on another CPU could come back
+# out of it; the wheels are cached instead under pip's cache folder by CPU fingerprint
+# (medserve/accel/cpu_features.py), next to a stamp of the extensions they were built for.
+# An offline wheelhouse carries the same folders under native/.  The stamp is copied into the
+# venv, and the worker refuses a build the CPU cannot run instead of dying of SIGILL.
+native_sdist() {  # $1 dist name, $2 version: the sdist, fetched once into the cache; prints it
+  local dist="$1" version="$2" dir file
+  dir="$("${PIP[@]}" cache dir 2>/dev/null || echo "$HOME/.cache/pip")/medserve-native/sdists"
+  file="$(compgen -G "$dir/${dist//-/_}-$version.tar.gz" | head -n1 || true)"
+  # An offline wheelhouse carries the sdist at its top level (pip download would first need
+  # the build backend to read the sdist's metadata).
+  if [[ -z "$file" && -n "${MEDSERVE_WHEELHOUSE:-}" ]]; then
+    file="$(compgen -G "$MEDSERVE_WHEELHOUSE/${dist//-/_}-$version.tar.gz" | head -n1 || true)"
+  fi
+  if [[ -z "$file" ]]; then
+    mkdir -p "$dir"
+    "${PIP[@]}" download --no-deps --no-binary "$dist" -d "$dir" "$dist==$version" >&2
+    file="$(compgen -G "$dir/${dist//-/_}-$version.tar.gz" | head -n1 || true)"
+    [[ -n "$file" ]] || die "pip gave no sdist of $dist $version"
+  fi
+  echo "$file"
+}
+
+install_native_wheel() {  # $1 dist name, $2 version, $3 CMAKE_ARGS, $4 build-time note
+  local dist="$1" version="$2" cmake_args="$3" note="$4" fp cache wheel_dir src patches tag=""
+  fp="$("$ENGINE_VENV/bin/python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import cpu_features; print(cpu_features.fingerprint())' "$ROOT/accel")"
+  cache="$("${PIP[@]}" cache dir 2>/dev/null || echo "$HOME/.cache/pip")/medserve-native"
+  # medserve's patches to the sdist (installer/patches/DIST-VERSION-*.patch) name the build too.
+  mapfile -t patches < <(compgen -G "$ROOT/installer/patches/$dist-$version-*.patch" | sort || true)
+  if [[ ${#patches[@]} -gt 0 ]]; then
+    tag="-p$(cat "${patches[@]}" | sha256sum | cut -c1-8)"
+  fi
+  wheel_dir="$cache/$dist-$version$tag-$fp"
+  for src in "${MEDSERVE_WHEELHOUSE:+$MEDSERVE_WHEELHOUSE/native/$dist-$version-$fp}" "$wheel_dir"; do
+    if [[ -n "$src" && -z "${MEDSERVE_REBUILD_NATIVE:-}" && -f "$src/medserve-native-build.json" ]] && \
+       compgen -G "$src/*.whl" >/dev/null; then
+      echo "$dist $version for this CPU ($fp): cached wheel in $src"
+      wheel_dir="$src"
+      break
+    fi
+    src=""
+  done
+  if [[ -z "$src" ]]; then
+    echo "building $dist $version for this CPU ($fp) from its sdist: $note"
+    local tmp sdist patch; tmp="$(mktemp -d)"
+    sdist="$(native_sdist "$dist" "$version")"
+    if [[ ${#patches[@]} -gt 0 ]]; then
+      command -v patch >/dev/null || die "the 'patch' tool is needed to build $dist"
+      tar -xzf "$sdist" -C "$tmp"
+      sdist="$(compgen -G "$tmp/${dist//-/_}-$version" | head -n1)"
+      for patch in "${patches[@]}"; do
+        echo "applying $(basename "$patch")"
+        patch -d "$sdist" -p1 --forward --quiet < "$patch"
+      done
+    fi
+    # --no-cache-dir: never reuse pip's flag-blind cache; our cache is the folder above.
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$tmp/wheel" "$sdist"
+    mkdir -p "$wheel_dir"
+    rm -f "$wheel_dir"/*.whl
+    mv "$tmp"/wheel/*.whl "$wheel_dir/"
+    rm -rf "$tmp"
+    "$ENGINE_VENV/bin/python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import cpu_features, pathlib; cpu_features.write_stamp(pathlib.Path(sys.argv[2]), sys.argv[3])' \
+      "$ROOT/accel" "$wheel_dir" "$ENGINE"
+  fi
+  "${PIP[@]}" install --progress-bar on --no-deps --force-reinstall "$wheel_dir"/*.whl
+  cp "$wheel_dir/medserve-native-build.json" "$ENGINE_VENV/medserve-native-build.json"
+}
+
 case "$ENGINE" in
   ipex-llm)
     REQUIREMENTS="$ROOT/installer/requirements-ipex-llm.txt"
@@ -80,7 +151,53 @@ print("ipex environment OK:", ", ".join(
     f"{name} {version(name)}" for name in ("intel-extension-for-pytorch", "torch", "transformers")))
 PY
     ;;
+  chatglm-cpp)
+    REQUIREMENTS="$ROOT/installer/requirements-chatglm-cpp.txt"
+    "${PIP[@]}" install --progress-bar on -c "$REQUIREMENTS" -r "$REQUIREMENTS"
+    # 0.4.2's vendored ggml asks for an old CMake policy level; its CMake files pick only
+    # AVX2 by default, so -march=native gives it the CPU's AVX-512/VNNI where present.
+    # installer/patches: CHATGLM_NUM_THREADS (its thread count is otherwise fixed; ggml's
+    # waiting threads spin, so a worker must not take more cores than it is given).
+    if ! cmp -s "$ROOT/installer/patches/chatglm-cpp-0.4.2-threads.patch" "$ENGINE_VENV/medserve-patches" || \
+       ! "$ENGINE_VENV/bin/python" -c 'import chatglm_cpp' 2>/dev/null || [[ -n "${MEDSERVE_REBUILD_NATIVE:-}" ]]; then
+      install_native_wheel chatglm-cpp 0.4.2 \
+        "-DCMAKE_POLICY_VERSION_MINIMUM=3.5 -DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native" \
+        "about 7 minutes on 2 cores, once per CPU type"
+      cp "$ROOT/installer/patches/chatglm-cpp-0.4.2-threads.patch" "$ENGINE_VENV/medserve-patches"
+    fi
+    "${PIP[@]}" install --progress-bar on --no-deps -e "$ROOT"
+    "$ENGINE_VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+import chatglm_cpp  # noqa: F401  (loads its native module)
+import medserve.accel.chatglm_cpp_engine  # noqa: F401
+import medserve.accel.worker  # noqa: F401
+print("chatglm-cpp environment OK: chatglm-cpp", version("chatglm-cpp"))
+PY
+    ;;
+  llama-cpp)
+    REQUIREMENTS="$ROOT/installer/requirements-llama-cpp.txt"
+    "${PIP[@]}" install --progress-bar on -c "$REQUIREMENTS" -r "$REQUIREMENTS"
+    # Only the shared library and its Python binding: no llava/mtmd, tools, server or curl.
+    if ! "$ENGINE_VENV/bin/python" -c 'import llama_cpp' 2>/dev/null || [[ -n "${MEDSERVE_REBUILD_NATIVE:-}" ]]; then
+      install_native_wheel llama-cpp-python 0.3.36 \
+        "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        "about 5 minutes on 2 cores, once per CPU type"
+    fi
+    "${PIP[@]}" install --progress-bar on --no-deps -e "$ROOT"
+    # The HF -> GGUF converter of the same llama.cpp commit (`medserve export --engine llama-cpp`).
+    bash "$ROOT/installer/llama_cpp_convert.sh" "$ENGINE_VENV" "$(native_sdist llama-cpp-python 0.3.36)"
+    [[ -f "$ENGINE_VENV/share/medserve/llama.cpp-convert/convert_hf_to_gguf.py" ]] || die "llama.cpp converter missing"
+    "$ENGINE_VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+import llama_cpp  # noqa: F401  (loads libllama)
+import medserve.accel.llama_cpp_engine  # noqa: F401
+import medserve.quant.gguf_perplexity_job  # noqa: F401
+import medserve.quant.gguf_quantize_job  # noqa: F401
+import medserve.accel.worker  # noqa: F401
+print("llama-cpp environment OK: llama-cpp-python", version("llama-cpp-python"))
+PY
+    ;;
   *)
-    die "unknown engine '$ENGINE' (known: ipex-llm, ipex)"
+    die "unknown engine '$ENGINE' (known: ipex-llm, ipex, chatglm-cpp, llama-cpp)"
     ;;
 esac

@@ -5,6 +5,8 @@
 #   MEDSERVE_WHEELHOUSE=/media/usb/wheels bash installer/setup.sh   # fully offline install
 #   bash installer/setup.sh --with ipex-llm  # also the ipex-llm engine, in .venv-ipex-llm
 #   bash installer/setup.sh --with ipex-llm --with ipex  # and IPEX (.venv-ipex, ~6.4 GB of CUDA torch)
+#   bash installer/setup.sh --with chatglm-cpp --with llama-cpp  # the GGML engines, built for this CPU
+#   bash installer/setup.sh --with llama-cpp --rebuild   # rebuild native engines (e.g. a new CPU)
 #
 # Idempotent: re-running skips what is already in place.  After it finishes nothing in medserve
 # touches the network.
@@ -21,13 +23,14 @@ step() { printf '\n\033[1m[%s/%s] %s\033[0m\n' "$1" "$STEPS" "$2"; }
 die() { printf 'medserve setup: %s\n' "$*" >&2; exit 1; }
 
 # Optional engines, each in its own venv beside the main one: --with ipex-llm (repeatable).
-OPTIONAL_ENGINES="ipex-llm ipex"
+OPTIONAL_ENGINES="ipex-llm ipex chatglm-cpp llama-cpp"
 WITH_ENGINES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --with) [[ $# -ge 2 ]] || die "--with needs an engine name"; WITH_ENGINES+=("$2"); shift 2 ;;
     --with=*) WITH_ENGINES+=("${1#--with=}"); shift ;;
-    *) die "unknown argument '$1' (usage: setup.sh [--with ENGINE]..., ENGINE: $OPTIONAL_ENGINES)" ;;
+    --rebuild) export MEDSERVE_REBUILD_NATIVE=1; shift ;;
+    *) die "unknown argument '$1' (usage: setup.sh [--with ENGINE]... [--rebuild], ENGINE: $OPTIONAL_ENGINES)" ;;
   esac
 done
 for engine in "${WITH_ENGINES[@]}"; do

@@ -11,6 +11,7 @@ about them. Folders written before ``engine``/``format`` existed are OpenVINO IR
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -126,3 +127,9 @@ def write_manifest(model_dir: Path, manifest: ModelManifest | Mapping[str, Any])
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed: how manifests name the exact source weights."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -1,6 +1,9 @@
 """`medserve export`: a local Hugging Face folder -> a servable, accuracy-checked model folder.
 
     medserve export --hf-dir DIR --name NAME --weight-format int4 [--reference MODEL_DIR]
+    medserve export --engine chatglm-cpp --hf-dir DIR --name NAME --weight-format q4_0
+    medserve export --engine llama-cpp --hf-dir DIR --name NAME --weight-format Q4_K_M
+    medserve export --engine llama-cpp --gguf FILE.gguf --name NAME
 
 The result is ``models_dir/NAME`` with the IRs and a ``medserve.json`` manifest. It is built in
 a staging folder and renamed into place only after every check passed, so a failed or killed
@@ -148,19 +151,43 @@ def _export_source(hf_dir: Path, layout: Layout, stage: Path, progress: bool) ->
         yield Path(tmp)
 
 
+# Weight formats per engine; the OpenVINO ones are WeightFormat (quant/export.py).
+GGML_WEIGHT_FORMATS = {
+    "chatglm-cpp": ("q4_0", "q8_0", "f16", "f32"),
+    "llama-cpp": ("Q4_0", "Q4_K_M", "Q8_0", "F16", "F32"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="medserve export",
         description=(
-            "Convert a local Hugging Face model folder to a servable OpenVINO IR folder. "
-            "GLM-family folders are taken as downloaded: chatglm (ChatGLM2/3-6B, "
-            "GLM-4-9B-chat; converted first, no remote code), glm (GLM-4-9B-chat-hf) and "
-            "glm4 (GLM-4-0414, GLM-Z1)."
+            "Convert a local Hugging Face model folder to a servable model folder: OpenVINO "
+            "IR (default), chatglm.cpp (--engine chatglm-cpp) or GGUF (--engine llama-cpp; "
+            "--gguf serves an existing GGUF file as it is). GLM-family folders are taken as "
+            "downloaded: chatglm (ChatGLM2/3-6B, GLM-4-9B-chat; converted first, no remote "
+            "code), glm (GLM-4-9B-chat-hf) and glm4 (GLM-4-0414, GLM-Z1)."
         ),
     )
-    parser.add_argument("--hf-dir", type=Path, required=True, help="local HF model folder")
+    parser.add_argument(
+        "--engine",
+        choices=("openvino", *GGML_WEIGHT_FORMATS),
+        default="openvino",
+        help="engine that will serve the folder (default openvino)",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-dir", type=Path, help="local HF model folder")
+    source.add_argument("--gguf", type=Path, help="existing GGUF file (--engine llama-cpp)")
     parser.add_argument("--name", required=True, help="model name (folder under --models-dir)")
-    parser.add_argument("--weight-format", required=True, choices=get_args(WeightFormat))
+    parser.add_argument(
+        "--weight-format",
+        default=None,
+        help=(
+            f"openvino: {', '.join(get_args(WeightFormat))}; chatglm-cpp: "
+            f"{', '.join(GGML_WEIGHT_FORMATS['chatglm-cpp'])}; llama-cpp: "
+            f"{', '.join(GGML_WEIGHT_FORMATS['llama-cpp'])}"
+        ),
+    )
     parser.add_argument("--group-size", type=int, default=None, help="int4 group size (auto)")
     parser.add_argument(
         "--reference",
@@ -183,9 +210,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no export progress output")
     args = parser.parse_args(argv)
     try:
-        out = convert_hf_model(
+        out = _export(args, parser)
+    except (ExportError, ValueError) as exc:
+        print(f"medserve export: {exc}", file=sys.stderr)
+        return 1
+    print(f"medserve export: {args.name} ready in {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    models_dir = args.models_dir or default_models_dir()
+    if args.gguf is not None:
+        if args.engine != "llama-cpp":
+            parser.error("--gguf needs --engine llama-cpp")
+        if args.weight_format is not None:
+            parser.error("--gguf serves the file as it is: no --weight-format")
+        _check_name(args.name)
+        from medserve.quant.gguf_register import register_gguf
+
+        return register_gguf(args.gguf, models_dir, args.name)
+    if args.weight_format is None:
+        parser.error("--weight-format is required with --hf-dir")
+    if args.engine == "openvino":
+        return convert_hf_model(
             args.hf_dir,
-            args.models_dir or default_models_dir(),
+            models_dir,
             args.name,
             args.weight_format,
             group_size=args.group_size,
@@ -193,11 +242,31 @@ def main(argv: list[str] | None = None) -> int:
             max_ppl_increase=args.max_ppl_increase,
             progress=not args.quiet,
         )
-    except (ExportError, ValueError) as exc:
-        print(f"medserve export: {exc}", file=sys.stderr)
-        return 1
-    print(f"medserve export: {args.name} ready in {out}")
-    return 0
+    allowed = GGML_WEIGHT_FORMATS[args.engine]
+    if args.weight_format not in allowed:
+        parser.error(f"--engine {args.engine}: --weight-format is one of {', '.join(allowed)}")
+    if args.reference is not None or args.group_size is not None:
+        parser.error("--reference and --group-size apply to --engine openvino only")
+    _check_name(args.name)
+    if args.engine == "chatglm-cpp":
+        from medserve.quant.chatglm_cpp_export import export_chatglm_cpp
+
+        return export_chatglm_cpp(
+            args.hf_dir, models_dir, args.name, args.weight_format, progress=not args.quiet
+        )
+    from medserve.quant.gguf_export import export_gguf
+
+    return export_gguf(
+        args.hf_dir, models_dir, args.name, args.weight_format, progress=not args.quiet
+    )
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"name={name!r}: use letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit (it becomes a folder name and the served model name)"
+        )
 
 
 def _check_arguments(
@@ -208,11 +277,7 @@ def _check_arguments(
     reference: Path | None,
 ) -> dict[str, Any]:
     """Everything checkable before the minutes-long export; returns the HF config."""
-    if not _NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"name={name!r}: use letters, digits, '.', '_' or '-', starting with a letter or "
-            f"digit (it becomes a folder name and the served model name)"
-        )
+    _check_name(name)
     if weight_format not in get_args(WeightFormat):
         raise ValueError(f"weight_format={weight_format!r}: use one of {get_args(WeightFormat)}")
     if group_size is not None and (weight_format != "int4" or group_size <= 0):

@@ -40,6 +40,7 @@ from medserve.quant.accuracy import EVAL_TEXTS, AccuracyError, perplexity
 from medserve.quant.convert import _NAME_PATTERN
 from medserve.quant.export import ExportError, is_valid_model_dir
 from medserve.quant.preview_candidates import (
+    LOGIT_TWINS,
     QUICK_CANDIDATES,
     REFERENCE,
     Candidate,
@@ -47,6 +48,7 @@ from medserve.quant.preview_candidates import (
     candidate_perplexity,
     folder_bytes,
     missing_engine,
+    not_applicable,
     parse_candidates,
     prepare_work_dir,
 )
@@ -254,6 +256,7 @@ def _build_all(
         bar.set_description_str(f"building {candidate.name}")
         built[candidate.name] = _build_one(candidate, hf_dir, work_dir, finished)
     bar.close()
+    _borrow_twin_perplexity(built)
     if reference_dir is None:
         base = built[REFERENCE.name]
         if base.status != "measured" or base.folder is None:
@@ -275,11 +278,26 @@ def _build_all(
     return [built[c.name] for c in candidates], reference
 
 
+def _borrow_twin_perplexity(built: dict[str, CandidateResult]) -> None:
+    """chatglm.cpp rows take the perplexity of llama.cpp on the same ggml block format."""
+    for name, twin_name in LOGIT_TWINS.items():
+        result, twin = built.get(name), built.get(twin_name)
+        if result is None or result.status != "measured":
+            continue
+        if twin is not None and twin.status == "measured" and math.isfinite(twin.perplexity):
+            result.perplexity = twin.perplexity
+            result.message = f"perplexity scored by llama.cpp on {twin_name} (same ggml blocks)"
+        else:
+            result.message = (
+                f"perplexity needs {twin_name} in --candidates (chatglm.cpp has no logits)"
+            )
+
+
 def _build_one(
     candidate: Candidate, hf_dir: Path, work_dir: Path, finished: set[str]
 ) -> CandidateResult:
     result = CandidateResult(candidate.name, candidate.engine, candidate.precision, "measured")
-    missing = missing_engine(candidate.engine)
+    missing = missing_engine(candidate.engine) or not_applicable(candidate, hf_dir)
     if missing is not None:
         result.status, result.message = "skipped", missing
         return result

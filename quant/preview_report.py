@@ -232,7 +232,7 @@ def _row_json(row: Row) -> dict[str, Any]:
 
 def write_chart(results: list[CandidateResult], path: Path, title: str) -> None:
     """tokens/s and ITL per candidate at each stream count (raises ChartUnavailable)."""
-    from medserve.benchmarks.chart import write_png
+    from medserve.benchmarks.chart import ChartUnavailable, write_png
 
     rows = [
         row
@@ -241,4 +241,6 @@ def write_chart(results: list[CandidateResult], path: Path, title: str) -> None:
         for row in r.measurement.rows
         if row.workload == "short-chat"
     ]
+    if not rows:
+        raise ChartUnavailable("no candidate was measured")
     write_png(rows, path, title)

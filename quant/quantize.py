@@ -20,7 +20,6 @@ plain torch in the engine's environment); all use the same texts and arithmetic.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from medserve.models.manifest import (
     ManifestError,
     ModelManifest,
     default_models_dir,
+    sha256_of,
     try_read_manifest,
     write_manifest,
 )
@@ -287,14 +287,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _weight_hashes(folder: Path) -> dict[str, str]:
-    hashes = {}
-    for path in _weight_files(folder):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        hashes[path.name] = digest.hexdigest()
-    return hashes
+    return {path.name: sha256_of(path) for path in _weight_files(folder)}
 
 
 def _say(progress: bool, text: str) -> None:

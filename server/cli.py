@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("bench", help="benchmark a running server (see `medserve bench -h`)")
     commands.add_parser(
-        "export", help="convert a local HF model folder to OpenVINO IR (`medserve export -h`)"
+        "export",
+        help="HF folder -> OpenVINO IR, chatglm.cpp or GGUF; serve a GGUF (`medserve export -h`)",
     )
     commands.add_parser("keys", help="create, list, revoke, rotate API keys (`medserve keys -h`)")
     commands.add_parser("audit", help="verify or rotate the audit trail (`medserve audit -h`)")

@@ -93,7 +93,14 @@ class _SnapshotCollector(Collector):
             "Times the model's engine worker process was restarted after it died.",
             labels=["model"],
         )
+        info = GaugeMetricFamily(
+            "medserve_model_info",
+            "1 per served model, labelled with the engine that serves it and its precision.",
+            labels=["model", "engine", "precision"],
+        )
         for model, stats in sorted(snap.models.items()):
+            if "engine" in stats:
+                info.add_metric([model, str(stats["engine"]), str(stats.get("precision", ""))], 1)
             admitted = int(stats.get("in_flight", 0))
             in_flight.add_metric([model], admitted)
             queued.add_metric([model], max(0, admitted - snap.max_num_seqs))
@@ -101,7 +108,7 @@ class _SnapshotCollector(Collector):
                 kv_usage.add_metric([model], float(stats["kv_cache_usage"]))
             if "restarts" in stats:
                 restarts.add_metric([model], int(stats["restarts"]))
-        yield from (in_flight, queued, kv_usage, restarts)
+        yield from (info, in_flight, queued, kv_usage, restarts)
         if snap.cases_indexed is not None:
             yield GaugeMetricFamily(
                 "medserve_case_index_size", "Cases in the similar-case index.", snap.cases_indexed

@@ -56,6 +56,10 @@ class Contract:
         ]
     )
     """Must make the model generate for seconds (a random-weight model rarely stops)."""
+    queued_max_tokens: int = 40
+    """max_tokens of the back-pressure test's two admitted requests: enough that they are
+    still in flight when the third arrives (an engine running a tiny model at thousands of
+    tokens/s needs thousands)."""
 
     def url(self, path: str) -> str:
         return self.server.base_url + path
@@ -70,6 +74,36 @@ class Contract:
 
     def in_flight(self) -> int:
         return httpx.get(self.url("/ready"), timeout=30).json()["in_flight"][self.model]
+
+
+FOUR_QUESTIONS = (
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "What does a stethoscope do?",
+    "Write a very long essay about medicine.",
+)
+
+
+def alone_then_together(
+    contract: Contract, questions: tuple[str, ...], body: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Each question's answer asked alone, then all at once (checked to run at once)."""
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    alone = [
+        contract.chat(messages=p, **body).json()["choices"][0]["message"]["content"]
+        for p in prompts
+    ]
+    peak = {"running": 0}
+
+    def watch() -> bool:
+        peak["running"] = max(peak["running"], contract.stats()["running_sequences"])
+        return peak["running"] == len(prompts)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(contract.chat, messages=p, **body) for p in prompts]
+        wait_until(watch, 60, f"{len(prompts)} sequences running at once")
+        together = [f.result().json()["choices"][0]["message"]["content"] for f in futures]
+    return alone, together
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -182,7 +216,10 @@ class EngineContract:
     def test_full_queue_is_503_and_admitted_requests_finish(self, contract: Contract) -> None:
         body = {"model": contract.model, "messages": contract.long_prompt, "temperature": 0}
         with ThreadPoolExecutor(2) as pool:
-            admitted = [pool.submit(contract.chat, **{**body, "max_tokens": 40}) for _ in range(2)]
+            admitted = [
+                pool.submit(contract.chat, **{**body, "max_tokens": contract.queued_max_tokens})
+                for _ in range(2)
+            ]
             wait_until(lambda: contract.in_flight() == 2, 30, "two requests in flight")
             refused = contract.chat(**{**body, "max_tokens": 40}, timeout=30)
             assert refused.status_code == 503

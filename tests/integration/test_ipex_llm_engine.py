@@ -9,7 +9,6 @@ in its own worker process (the ipex-llm one in .venv-ipex-llm).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,11 +16,12 @@ import pytest
 
 from tests.conftest import BUNDLED_MODEL, medserve_home
 from tests.integration.engine_contract import (
+    FOUR_QUESTIONS,
     Contract,
     EngineContract,
+    alone_then_together,
     contract_env,
     stream_text,
-    wait_until,
 )
 from tests.integration.ipex_llm_models import HF_DIR_NAME, quantized_bundled_model, serving_dir
 from tests.server_process import ServerProcess
@@ -105,30 +105,8 @@ def test_four_streams_take_turns_and_match_their_answers_alone(
     """Round-robin: four requests run at once, each exactly as it would alone (batch 1)."""
     server, name = int8_server
     contract = Contract(server, name)
-    prompts = [
-        [{"role": "user", "content": question}]
-        for question in (
-            "What is the capital of France?",
-            "Name three primary colours.",
-            "What does a stethoscope do?",
-            "Write a very long essay about medicine.",
-        )
-    ]
     body = {"temperature": 0, "max_tokens": 32}
-    alone = [
-        contract.chat(messages=p, **body).json()["choices"][0]["message"]["content"]
-        for p in prompts
-    ]
-    peak = {"running": 0}
-
-    def watch() -> bool:
-        peak["running"] = max(peak["running"], contract.stats()["running_sequences"])
-        return peak["running"] == 4
-
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(contract.chat, messages=p, **body) for p in prompts]
-        wait_until(watch, 60, "four sequences running at once")
-        together = [f.result().json()["choices"][0]["message"]["content"] for f in futures]
+    alone, together = alone_then_together(contract, FOUR_QUESTIONS, body)
     assert together == alone
     stats = contract.stats()
     assert stats["engine_requests"] == 0 and stats["kv_cache_usage"] == 0.0

@@ -138,6 +138,8 @@ def test_counters_move_by_what_the_requests_did(server: ServerProcess) -> None:
     assert _value(after, "medserve_requests_in_flight", **model) == 0
     assert 0.0 <= _value(after, "medserve_kv_cache_usage_ratio", **model) <= 1.0
     assert ("medserve_kv_cache_usage_ratio", frozenset(model.items())) in after
+    info = {**model, "engine": "openvino", "precision": "int8"}
+    assert _value(after, "medserve_model_info", **info) == 1
 
     # Labels are templates and model names: no case id, path or text reaches the metrics.
     assert CANARY_ID not in text and "canarytext" not in text and "no-such-case" not in text

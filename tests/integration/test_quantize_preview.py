@@ -183,3 +183,50 @@ def test_verdict_follows_each_threshold() -> None:
         Thresholds(), ppl_increase=0.0, tokens_per_s=0.1, peak_rss_bytes=None, failed_requests=0
     )
     assert lenient.passed and lenient.reasons == ("perplexity +0.0% <= +10.0%",)
+
+
+def test_preview_of_a_chatglm_folder_includes_the_ggml_engines(
+    glm_checkpoints: dict[str, Path], glm_fp16_exports: dict[str, Path], tmp_path: Path
+) -> None:
+    """llama.cpp is scored by llama.cpp itself; chatglm.cpp (no logits) by its llama.cpp twin
+    on the same ggml block format, and the row says so."""
+    require_engine("llama-cpp")
+    require_engine("chatglm-cpp")
+    result = run_preview(
+        "--hf-dir", str(glm_checkpoints["tiny-chatglm3"]), "--quick",
+        "--candidates", "llama-cpp-Q8_0,chatglm-cpp-q8_0",
+        "--reference", str(glm_fp16_exports["tiny-chatglm3-fp16"]),
+        "--max-ppl-increase", "0.05", "--work-dir", str(tmp_path / "work"),
+        "--out", str(tmp_path / "out"), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "preview.json").read_text())
+    rows = {c["name"]: c for c in report["candidates"]}
+    assert list(rows) == ["llama-cpp-Q8_0", "chatglm-cpp-q8_0"]
+    for row in rows.values():
+        assert row["status"] == "measured", row["message"]
+        assert row["failed_requests"] == 0, row["errors"]
+        assert row["tokens_per_s"]["1"] > 0 and row["tokens_per_s"]["4"] > 0
+        assert row["peak_rss_bytes"] > 0 and row["size_bytes"] > 0
+    llama, glm = rows["llama-cpp-Q8_0"], rows["chatglm-cpp-q8_0"]
+    # Q8_0 of the same weights is within a few % of the fp16 reference under llama.cpp.
+    assert abs(llama["ppl_increase"]) < 0.05 and llama["verdict"]["passed"]
+    assert glm["perplexity"] == llama["perplexity"]
+    assert "scored by llama.cpp on llama-cpp-Q8_0" in glm["message"]
+
+
+def test_chatglm_cpp_candidates_are_skipped_for_other_layouts(
+    hf_dir: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    require_engine("chatglm-cpp")
+    result = run_preview(
+        "--hf-dir", str(hf_dir), "--quick", "--candidates", "chatglm-cpp-q4_0",
+        "--reference", str(models_dir / f"{BUNDLED_MODEL}-fp16"),
+        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--no-progress",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "out" / "preview.json").read_text())
+    (row,) = report["candidates"]
+    assert row["status"] == "skipped"
+    assert "chatglm layout only" in row["message"] and "llama" in row["message"]
+    assert result.returncode == 0, result.stderr[-2000:]  # a report, without a --keep
+    assert "no chart: no candidate was measured" in result.stderr

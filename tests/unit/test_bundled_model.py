@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from medserve.installer.bundled_model import (
     GGUF_MEMBER,
+    GGUF_MODEL_NAME,
     GGUF_SHA256,
     PACKAGE,
     VARIANTS,
@@ -82,7 +83,9 @@ def test_second_prepare_is_fast_and_rebuilds_nothing() -> None:
     outputs = prepare_bundled_model(home, progress=False)
     elapsed = time.monotonic() - start
 
-    assert outputs == [home / "models" / v.name for v in VARIANTS]
+    assert outputs == [home / "models" / v.name for v in VARIANTS] + [
+        home / "models" / GGUF_MODEL_NAME
+    ]
     assert elapsed < 5, f"an already-prepared home took {elapsed:.1f} s"
     after = {p: p.stat().st_mtime_ns for p in (home / "models").rglob("*") if p.is_file()}
     assert after == before
@@ -100,6 +103,23 @@ def test_manifests_describe_the_prepared_models() -> None:
         assert manifest["context_length"] == 8192
         assert "Paris" in manifest["sanity"]["answer"]
     assert [v.name for v in VARIANTS] == ["smollm2-135m-instruct", "smollm2-135m-instruct-fp16"]
+
+
+def test_bundled_gguf_is_served_as_shipped_by_llama_cpp() -> None:
+    home = _prepared_home()
+    model_dir = home / "models" / GGUF_MODEL_NAME
+    manifest = read_manifest(model_dir)
+    assert manifest is not None
+    assert (manifest["engine"], manifest["format"], manifest["precision"]) == (
+        "llama-cpp",
+        "gguf",
+        "q4_1",
+    )
+    assert manifest["architecture"] == "llama" and manifest["context_length"] == 8192
+    assert manifest["source"]["sha256"] == GGUF_SHA256
+    # A hard link to the verified download: no second copy of the weights on disk.
+    gguf = home / "downloads" / Path(GGUF_MEMBER).name
+    assert (model_dir / "model.gguf").stat().st_ino == gguf.stat().st_ino
 
 
 def test_failed_build_leaves_no_folder_that_looks_valid(tmp_path: Path) -> None:
