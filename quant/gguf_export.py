@@ -32,13 +32,12 @@ from medserve.models.layouts import Layout, LayoutError, detect_layout, read_con
 from medserve.models.manifest import ModelManifest, write_manifest
 from medserve.quant.convert import _NAME_PATTERN, _context_length
 from medserve.quant.export import ExportError, staged_dir
+from medserve.quant.gguf_register import ENGINE, FORMAT, MODEL_FILE
 from medserve.quant.gguf_staging import StagingError, stage_hf_folder
 from medserve.quant.quantize import _weight_hashes
 
-ENGINE = "llama-cpp"
 GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M")
 QUANTIZED_FORMATS = ("Q8_0", "Q4_0", "Q4_K_M")
-MODEL_FILE = "model.gguf"
 CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
 # Environment of both subprocesses: local files only, and no stale remote-code module cache.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -81,7 +80,7 @@ def export_gguf(
             architecture=str(config["model_type"]),
             context_length=_context_length(config, hf_dir),
             engine=ENGINE,
-            format="gguf",
+            format=FORMAT,
             source={
                 "hf_dir": str(hf_dir.resolve()),
                 "sha256": _weight_hashes(hf_dir),
