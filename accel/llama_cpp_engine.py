@@ -32,7 +32,7 @@ import os
 import secrets
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class _Sequence:
     generated: int = 0
     next_token: int = -1
     """The sampled token not yet fed back (decode phase)."""
-    produced: list[int] = field(default_factory=list)
     reused: int = 0
     """Prompt tokens whose KV cells came from the prefix cache."""
 
