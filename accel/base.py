@@ -70,6 +70,8 @@ class ModelInfo:
     backend: str
     """The engine serving the model (openvino, ipex-llm, ...)."""
     created: int = 0
+    version: str | None = None
+    """The model version served (``models_dir/.versions/<name>/<version>``); None if unversioned."""
 
 
 class Backend(Protocol):

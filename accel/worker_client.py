@@ -194,6 +194,8 @@ class WorkerClient:
                 "worker_restarting", model=self.name, in_seconds=delay, restarts=self.restarts
             )
             await asyncio.sleep(delay)
+            if self._stopping:
+                return  # stopped (or retired by a reload) while waiting: start nothing
             if self._process is not None:
                 await asyncio.to_thread(self._reap, self._process)
             try:

@@ -49,7 +49,7 @@ PY
 # pip's own wheel cache ignores build flags, so a wheel built on another CPU could come back
 # out of it; the wheels are cached instead under pip's cache folder by CPU fingerprint
 # (medserve/accel/cpu_features.py), next to a stamp of the extensions they were built for.
-# An offline wheelhouse carries the same folders under native/.  The stamp is copied into the
+# An offline wheelhouse (installer/build-bundle.sh) carries the same folders under native/.  The stamp is copied into the
 # venv, and the worker refuses a build the CPU cannot run instead of dying of SIGILL.
 native_sdist() {  # $1 dist name, $2 version: the sdist, fetched once into the cache; prints it
   local dist="$1" version="$2" dir file
@@ -79,7 +79,7 @@ install_native_wheel() {  # $1 dist name, $2 version, $3 CMAKE_ARGS, $4 build-ti
     tag="-p$(cat "${patches[@]}" | sha256sum | cut -c1-8)"
   fi
   wheel_dir="$cache/$dist-$version$tag-$fp"
-  for src in "${MEDSERVE_WHEELHOUSE:+$MEDSERVE_WHEELHOUSE/native/$dist-$version-$fp}" "$wheel_dir"; do
+  for src in "${MEDSERVE_WHEELHOUSE:+$MEDSERVE_WHEELHOUSE/native/$(basename "$wheel_dir")}" "$wheel_dir"; do
     if [[ -n "$src" && -z "${MEDSERVE_REBUILD_NATIVE:-}" && -f "$src/medserve-native-build.json" ]] && \
        compgen -G "$src/*.whl" >/dev/null; then
       echo "$dist $version for this CPU ($fp): cached wheel in $src"

@@ -126,13 +126,19 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def memory_needs(model_dirs: Mapping[str, Path], cache_gb: float) -> dict[str, tuple[int, int]]:
+    """Per model: (weight bytes, KV pool bytes), the figures check_fits_in_memory adds up
+    (`medserve doctor` reports them without raising)."""
+    cache_bytes = int(cache_gb * 1024**3)
+    return {name: (model_weight_bytes(d), cache_bytes) for name, d in model_dirs.items()}
+
+
 def check_fits_in_memory(
     model_dirs: Mapping[str, Path], cache_gb: float, total_ram: int | None = None
 ) -> int:
     """Raise KVPlanError when weights plus KV pools exceed the RAM budget; return bytes needed."""
     total_ram = physical_memory_bytes() if total_ram is None else total_ram
-    cache_bytes = int(cache_gb * 1024**3)
-    needed = sum(model_weight_bytes(d) + cache_bytes for d in model_dirs.values())
+    needed = sum(w + kv for w, kv in memory_needs(model_dirs, cache_gb).values())
     budget = int(total_ram * RAM_FRACTION_LIMIT)
     if needed > budget:
         raise KVPlanError(

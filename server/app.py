@@ -15,6 +15,7 @@ from medserve.accel.backend import BackendSettings, WorkerBackend
 from medserve.accel.backend import build_backend as build_worker_backend
 from medserve.kv_cache.planner import check_fits_in_memory
 from medserve.server.access_log import AccessLogMiddleware
+from medserve.server.admin_api import reload_models, reload_on_sighup
 from medserve.server.api_docs import add_body_schemas, documented
 from medserve.server.audit.case_ids import CaseIdHasher, load_or_create_key
 from medserve.server.audit.middleware import AuditMiddleware
@@ -56,6 +57,7 @@ async def ready(runtime: ServerState) -> Response[Any]:
         {
             "status": "ready",
             "models": [m.name for m in backend.models()] if backend else [],
+            "versions": {m.name: m.version for m in backend.models()} if backend else {},
             "in_flight": backend.in_flight() if backend else {},
         },
         status_code=200,
@@ -100,6 +102,7 @@ def build_backend(settings: Settings) -> WorkerBackend:
             kv_cache_gb=engine.kv_cache_gb,
             startup_timeout_s=engine.startup_timeout_s,
             engine_options=engine.engine_options(),
+            drain_timeout_s=settings.server.drain_timeout_s,
         ),
     )
 
@@ -154,7 +157,7 @@ def create_app(settings: Settings) -> Litestar:
         request_timeout_s=settings.server.request_timeout_s,
     )
     metrics = Metrics()
-    route_handlers: list[Any] = [health, ready, openai_router]
+    route_handlers: list[Any] = [health, ready, openai_router, reload_models]
     components: list[Any] = []
     cases_indexed: Callable[[], int | None] = _no_case_index
     if backend is not None:
@@ -174,6 +177,9 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         # Start in order, stop in reverse; a component that failed to start stops nothing else.
         async with AsyncExitStack() as stack:
+            if backend is not None:
+                # Before the workers start (see reload_on_sighup); closed after they stop.
+                await stack.enter_async_context(reload_on_sighup(backend))
             for component in components:
                 await component.start()
                 stack.push_async_callback(component.stop)

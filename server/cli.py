@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def main(argv: list[str] | None = None) -> int:
         from medserve.server.audit.cli import main as audit_main
 
         return audit_main(argv[1:])
+    if argv[:1] == ["models"]:
+        # Model versions are folders and a symlink under models_dir; no server is involved.
+        from medserve.models.versions_cli import main as models_main
+
+        return models_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        # A read-only health report of this host; it starts no server and imports no engine.
+        from medserve.installer.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    if argv[:1] == ["install-service"]:
+        # Writes a systemd unit (and, as root, its user and data folder); starts nothing.
+        from medserve.installer.service_cli import main as install_service_main
+
+        return install_service_main(argv[1:])
     if argv[:1] == ["quantize"]:
         # The quantizer runs in the engine's own environment; this process only drives it.
         from medserve.quant.quantize import main as quantize_main
@@ -53,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("keys", help="create, list, revoke, rotate API keys (`medserve keys -h`)")
     commands.add_parser("audit", help="verify or rotate the audit trail (`medserve audit -h`)")
+    commands.add_parser(
+        "models", help="install, activate, roll back model versions (`medserve models -h`)"
+    )
+    commands.add_parser("doctor", help="health report of this host (`medserve doctor -h`)")
+    commands.add_parser(
+        "install-service",
+        help="write a hardened systemd unit for `medserve serve` (`medserve install-service -h`)",
+    )
     commands.add_parser(
         "quantize", help="quantize a local HF model folder for ipex-llm (`medserve quantize -h`)"
     )
@@ -144,6 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
         **ssl_options,
     )
     server = uvicorn.Server(config_)
+    # SIGHUP reloads the models once the app has started (server/admin_api.py); until then,
+    # and during shutdown, its default action (terminate) would kill a serving process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     server.run()
     return 0 if server.started else 1
 

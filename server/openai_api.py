@@ -22,6 +22,7 @@ from medserve.accel.base import (
     BackendOverloaded,
     GenerationChunk,
     GenerationRequest,
+    ModelInfo,
     PromptTooLong,
     Sampling,
     Turn,
@@ -51,10 +52,7 @@ from medserve.server.state import ServerState
 async def list_models(runtime: ServerState) -> dict[str, Any]:
     return {
         "object": "list",
-        "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "medserve"}
-            for m in (runtime.backend.models() if runtime.backend else [])
-        ],
+        "data": [_model_card(m) for m in (runtime.backend.models() if runtime.backend else [])],
     }
 
 
@@ -66,8 +64,20 @@ async def list_models(runtime: ServerState) -> dict[str, Any]:
 async def get_model(runtime: ServerState, model_id: str) -> dict[str, Any]:
     for m in runtime.require_backend().models():
         if m.name == model_id:
-            return {"id": m.name, "object": "model", "created": m.created, "owned_by": "medserve"}
+            return _model_card(m)
     raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+
+
+def _model_card(m: ModelInfo) -> dict[str, Any]:
+    # "version": which installed version serves (None for a plain folder); an extra field
+    # the OpenAI clients ignore.
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "medserve",
+        "version": m.version,
+    }
 
 
 @post(
@@ -168,11 +178,15 @@ async def _respond(
     usage["model"] = generation.model
     # One deadline for the whole request, first token included.
     deadline = asyncio.get_running_loop().time() + runtime.request_timeout_s
-    chunks = metrics.observe_generation(
-        generation.model, runtime.require_backend().generate(generation)
-    )
+    backend = runtime.require_backend()
+    # Read with no await before generate(): the version of the worker the request is bound
+    # to, even if a reload switches the model while it runs.
+    fingerprint = next((m.version for m in backend.models() if m.name == generation.model), None)
+    chunks = metrics.observe_generation(generation.model, backend.generate(generation))
     first = await _first_chunk(chunks, deadline)
-    builder = ResponseBuilder(generation, chat=chat, created=int(time.time()))
+    builder = ResponseBuilder(
+        generation, chat=chat, created=int(time.time()), fingerprint=fingerprint
+    )
     if not stream:
         return Response(
             await _unless_disconnected(request, _collect(chunks, first, builder, usage, deadline)),

@@ -14,11 +14,20 @@ _ENCODED_PLACEHOLDER = msgspec.json.encode(_PLACEHOLDER)
 class ResponseBuilder:
     """Builds response bodies in the exact shapes the OpenAI clients parse."""
 
-    def __init__(self, generation: GenerationRequest, *, chat: bool, created: int) -> None:
+    def __init__(
+        self,
+        generation: GenerationRequest,
+        *,
+        chat: bool,
+        created: int,
+        fingerprint: str | None = None,
+    ) -> None:
         self.id = generation.request_id
         self.model = generation.model
         self.chat = chat
         self.created = created
+        self.fingerprint = fingerprint
+        """``system_fingerprint``: the model version that generates the answer."""
         # A streamed answer is one event per token: encode the envelope once and splice each
         # token's text into it, instead of building and encoding a nested dict per token.
         template = msgspec.json.encode(self.delta_event(text=_PLACEHOLDER))
@@ -36,7 +45,7 @@ class ResponseBuilder:
             "object": obj,
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
 
@@ -173,6 +182,8 @@ class ModelCard(msgspec.Struct):
     object: Literal["model"]
     created: int
     owned_by: str
+    version: str | None = None
+    """The installed version serving the model (``medserve models``); null for a plain folder."""
 
 
 class ModelList(msgspec.Struct):
