@@ -18,15 +18,6 @@ FILE_MODE = 0o444
 DIR_MODE = 0o555
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or new entry in ``folder`` durable (a power cut must not undo it)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def tree_files(folder: Path) -> Iterator[Path]:
     """Regular files under ``folder`` (symlinks followed), sorted, as copy and size see them."""
     for path in sorted(Path(folder).rglob("*")):

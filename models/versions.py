@@ -39,13 +39,13 @@ from medserve.models.checksums import (
 from medserve.models.manifest import MANIFEST_NAME, ManifestError, ModelManifest, read_manifest
 from medserve.models.version_files import (
     copy_tree,
-    fsync_dir,
     remove_tree,
     seal,
     tree_size,
     unseal,
     writable_entries,
 )
+from medserve.server.durable import fsync_dir
 
 VERSIONS_DIR = ".versions"
 HISTORY_NAME = "history.jsonl"
