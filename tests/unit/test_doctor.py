@@ -222,7 +222,15 @@ def test_real_cli_on_the_default_home() -> None:
     if not (models / BUNDLED_MODEL / "medserve.json").is_file():
         pytest.skip(f"bundled model not prepared in {models} (run `medserve setup`)")
     result = subprocess.run(
-        [str(MEDSERVE), "doctor", "--json"], capture_output=True, text=True, timeout=300
+        [str(MEDSERVE), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # As the server sees it: only medserve's own MEDSERVE_* settings (CI exports others).
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("MEDSERVE_")},
+            "MEDSERVE_HOME": str(medserve_home()),
+        },
     )
     report = json.loads(result.stdout)
     assert result.returncode == report["exit_code"] in (0, 1)
