@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -10,48 +11,31 @@ from pathlib import Path
 
 from medserve.server.settings import SettingsError, default_home, load_settings
 
+DELEGATED = {
+    # The benchmark only talks HTTP, so it needs none of the server.
+    "bench": "medserve.benchmarks.llm_bench",
+    # Conversion needs the [convert] extra (torch, optimum); serving never imports it.
+    "export": "medserve.quant.convert",
+    # Key management edits a local file; it needs no server, model or key.
+    "keys": "medserve.server.auth.cli",
+    "audit": "medserve.server.audit.cli",
+    # Model versions are folders and a symlink under models_dir; no server is involved.
+    "models": "medserve.models.versions_cli",
+    # A read-only health report of this host; it starts no server and imports no engine.
+    "doctor": "medserve.installer.doctor",
+    # Writes a systemd unit (and, as root, its user and data folder); starts nothing.
+    "install-service": "medserve.installer.service_cli",
+    # The quantizer runs in the engine's own environment; this process only drives it.
+    "quantize": "medserve.quant.quantize",
+}
+"""Subcommands with their own command line, each a module with ``main(argv) -> int``."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        # The benchmark owns its flags; it only talks HTTP, so it needs none of the server.
-        from medserve.benchmarks.llm_bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["export"]:
-        # Conversion needs the [convert] extra (torch, optimum); serving never imports it.
-        from medserve.quant.convert import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["keys"]:
-        # Key management edits a local file; it needs no server, model or key.
-        from medserve.server.auth.cli import main as keys_main
-
-        return keys_main(argv[1:])
-    if argv[:1] == ["audit"]:
-        from medserve.server.audit.cli import main as audit_main
-
-        return audit_main(argv[1:])
-    if argv[:1] == ["models"]:
-        # Model versions are folders and a symlink under models_dir; no server is involved.
-        from medserve.models.versions_cli import main as models_main
-
-        return models_main(argv[1:])
-    if argv[:1] == ["doctor"]:
-        # A read-only health report of this host; it starts no server and imports no engine.
-        from medserve.installer.doctor import main as doctor_main
-
-        return doctor_main(argv[1:])
-    if argv[:1] == ["install-service"]:
-        # Writes a systemd unit (and, as root, its user and data folder); starts nothing.
-        from medserve.installer.service_cli import main as install_service_main
-
-        return install_service_main(argv[1:])
-    if argv[:1] == ["quantize"]:
-        # The quantizer runs in the engine's own environment; this process only drives it.
-        from medserve.quant.quantize import main as quantize_main
-
-        return quantize_main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        # Imported only when asked for: each owns its flags and loads nothing of the server.
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="medserve", description="On-premise LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
 
