@@ -72,6 +72,8 @@ class ModelInfo:
     created: int = 0
     version: str | None = None
     """The model version served (``models_dir/.versions/<name>/<version>``); None if unversioned."""
+    structured_output: bool = False
+    """The engine enforces Sampling.json_schema by constrained decoding."""
 
 
 class Backend(Protocol):

@@ -103,6 +103,7 @@ class OpenVINOEngine:
             context_length=self.context_length,
             engine="openvino",
             pid=os.getpid(),
+            structured_output=True,
         )
 
     def add(self, request: PromptInput) -> int:
@@ -148,6 +149,12 @@ class OpenVINOEngine:
                 config.top_k = int(sampling.top_k)
         if sampling.seed is not None:
             config.rng_seed = int(sampling.seed)
+        if sampling.json_schema is not None:
+            # xgrammar masks every token the schema does not allow (the server checked the
+            # schema's keywords first: one the compiler rejects would break every step).
+            config.structured_output_config = self._ov.StructuredOutputConfig(
+                json_schema=sampling.json_schema
+            )
         return config
 
     def abort(self, request_id: str) -> None:

@@ -39,6 +39,9 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     """Stop strings, matched on the decoded text by the worker host (engine-neutral)."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens (benchmarks only: fixed output length)."""
+    json_schema: str | None = None
+    """A JSON Schema (as JSON text) the output must satisfy, enforced by the engine's
+    constrained decoding; only engines whose ModelDescription says structured_output."""
 
 
 class Turn(msgspec.Struct, frozen=True):
@@ -91,6 +94,8 @@ class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
     context_length: int
     engine: str
     pid: int
+    structured_output: bool = False
+    """The engine can constrain decoding to a JSON Schema (Sampling.json_schema)."""
 
 
 class Ready(msgspec.Struct, frozen=True, tag=True):

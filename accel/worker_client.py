@@ -129,6 +129,7 @@ class WorkerClient:
             context_length=model.context_length,
             backend=model.engine,
             created=int(time.time()),
+            structured_output=model.structured_output,
         )
         self.alive = True
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"read-{self.name}")

@@ -3,6 +3,8 @@
     medserve bench [run] ...      OpenAI-compatible servers over HTTP (benchmarks/run_cli.py)
     medserve bench bandwidth ...  memory bandwidth, the decode roofline (benchmarks/bandwidth.py)
     medserve bench engine ...     the engine in-process, without HTTP (benchmarks/engine_bench.py)
+    medserve bench retrieval ...  embedder retrieval quality, zh/en (benchmarks/retrieval_eval.py)
+    medserve bench structured ... schema validity of structured output (structured_validity.py)
 
 ``run`` is the default, so ``medserve bench --url ...`` works as it always did.  The other
 sub-commands are imported only when asked for: they may pull in heavy libraries (torch, the
@@ -21,6 +23,8 @@ SUBCOMMANDS = {
     "run": "medserve.benchmarks.run_cli",
     "bandwidth": "medserve.benchmarks.bandwidth",
     "engine": "medserve.benchmarks.engine_bench",
+    "retrieval": "medserve.benchmarks.retrieval_eval",
+    "structured": "medserve.benchmarks.structured_validity",
 }
 
 

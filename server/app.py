@@ -160,6 +160,7 @@ def create_app(settings: Settings) -> Litestar:
     route_handlers: list[Any] = [health, ready, openai_router, reload_models]
     components: list[Any] = []
     cases_indexed: Callable[[], int | None] = _no_case_index
+    cases: Any = None
     if backend is not None:
         components.append(backend)
         runtime.readiness["models"] = backend.ready
@@ -171,6 +172,18 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers.extend(cases.route_handlers)
         runtime.readiness["case index"] = cases.ready
         cases_indexed = partial(_case_count, cases)
+    if backend is not None:
+        # Clinical helpers need the model; their similar-cases route also the case index.
+        from medserve.server.clinical import clinical_router
+
+        route_handlers.append(clinical_router(cases))
+    if settings.knowledge.enabled:
+        from medserve.server.knowledge import build_knowledge
+
+        knowledge = build_knowledge(settings.knowledge)
+        components.append(knowledge)
+        route_handlers.extend(knowledge.route_handlers)
+        runtime.readiness["knowledge base"] = knowledge.ready
     route_handlers.extend(metrics_routes(metrics, settings.engine.max_num_seqs, cases_indexed))
 
     @asynccontextmanager

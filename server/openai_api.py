@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,11 +20,9 @@ from litestar import Request, Response, Router, get, post
 from litestar.response import Stream
 from medserve.accel.base import (
     BackendError,
-    BackendOverloaded,
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
-    PromptTooLong,
     Sampling,
     Turn,
 )
@@ -31,6 +30,12 @@ from medserve.server.api_docs import documented
 from medserve.server.audit.context import audited
 from medserve.server.auth.scopes import CHAT, EMBEDDINGS, route_scope
 from medserve.server.errors import APIError
+from medserve.server.generation import (
+    first_chunk,
+    read_to_end,
+    require_structured_output,
+    resolve_model,
+)
 from medserve.server.metrics import Metrics
 from medserve.server.openai_shapes import (
     ChatCompletion,
@@ -46,6 +51,13 @@ from medserve.server.schemas import (
     decode_body,
 )
 from medserve.server.state import ServerState
+from medserve.server.structured_output import (
+    check_tools,
+    response_schema,
+    tool_call_schema,
+    tools_instruction,
+)
+from medserve.server.tool_calls import ToolCalls, with_system_note
 
 
 @get("/models", opt=route_scope(CHAT, EMBEDDINGS), operation_class=documented(None, ModelList))
@@ -90,14 +102,44 @@ async def chat_completions(
     request: Request[Any, Any, Any], runtime: ServerState, metrics: Metrics
 ) -> Response[Any]:
     body = decode_body(await request.body(), ChatCompletionRequest)
+    model = resolve_model(runtime, body.model)
+    turns = [Turn(role=m.role, content=m.text()) for m in body.messages]
+    schema = response_schema(body.response_format)
+    tools = body.tools if body.tools and body.tool_choice != "none" else []
+    calls: ToolCalls | None = None
+    if tools:
+        check_tools(tools)
+        turns = with_system_note(turns, tools_instruction(tools))
+        forced = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
+        if forced and schema is not None:
+            raise APIError(
+                400,
+                "response_format cannot be combined with a forced tool_choice",
+                param="response_format",
+            )
+        if forced:
+            schema = tool_call_schema(tools, body.tool_choice)
+        calls = ToolCalls(tools, forced)
+    if schema is not None:
+        require_structured_output(runtime, model, "tool_choice" if calls else "response_format")
     generation = GenerationRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        model=_resolve_model(runtime, body.model),
-        params=_sampling(runtime, body),
-        messages=tuple(Turn(role=m.role, content=m.text()) for m in body.messages),
+        model=model,
+        params=msgspec.structs.replace(
+            _sampling(runtime, body),
+            json_schema=None if schema is None else json.dumps(schema),
+        ),
+        messages=tuple(turns),
     )
     return await _respond(
-        request, runtime, metrics, generation, body.stream, _include_usage(body), chat=True
+        request,
+        runtime,
+        metrics,
+        generation,
+        body.stream,
+        _include_usage(body),
+        chat=True,
+        calls=calls,
     )
 
 
@@ -114,27 +156,13 @@ async def completions(
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # schema: 1 item
     generation = GenerationRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}",
-        model=_resolve_model(runtime, body.model),
+        model=resolve_model(runtime, body.model),
         params=_sampling(runtime, body),
         prompt=prompt,
     )
     return await _respond(
         request, runtime, metrics, generation, body.stream, _include_usage(body), chat=False
     )
-
-
-def _resolve_model(runtime: ServerState, requested: str | None) -> str:
-    if requested is None:
-        return runtime.default_model
-    if not runtime.require_backend().has_model(requested):
-        served = ", ".join(m.name for m in runtime.require_backend().models())
-        raise APIError(
-            404,
-            f"model {requested!r} does not exist; served models: {served}",
-            param="model",
-            code="model_not_found",
-        )
-    return requested
 
 
 def _sampling(runtime: ServerState, body: ChatCompletionRequest | CompletionRequest) -> Sampling:
@@ -173,6 +201,7 @@ async def _respond(
     include_usage: bool,
     *,
     chat: bool,
+    calls: ToolCalls | None = None,
 ) -> Response[Any]:
     usage = request.scope.setdefault("state", {}).setdefault("usage", {})
     usage["model"] = generation.model
@@ -183,36 +212,25 @@ async def _respond(
     # to, even if a reload switches the model while it runs.
     fingerprint = next((m.version for m in backend.models() if m.name == generation.model), None)
     chunks = metrics.observe_generation(generation.model, backend.generate(generation))
-    first = await _first_chunk(chunks, deadline)
+    first = await first_chunk(chunks, deadline)
     builder = ResponseBuilder(
-        generation, chat=chat, created=int(time.time()), fingerprint=fingerprint
+        generation, chat=chat, created=int(time.time()), fingerprint=fingerprint, calls=calls
     )
     if not stream:
         return Response(
             await _unless_disconnected(request, _collect(chunks, first, builder, usage, deadline)),
             status_code=200,
         )
+    if calls is not None:
+        # A call is only known once its JSON is complete: tool requests stream as one event.
+        chunks = _whole(chunks, first, deadline)
+        first = await anext(chunks)
     return Stream(
         _sse(chunks, first, builder, usage, include_usage, deadline),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         status_code=200,
     )
-
-
-async def _first_chunk(chunks: AsyncIterator[GenerationChunk], deadline: float) -> GenerationChunk:
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await anext(chunks)
-    except PromptTooLong as exc:
-        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
-    except BackendOverloaded as exc:
-        raise APIError(503, str(exc), code="overloaded") from None
-    except BackendError as exc:
-        raise APIError(503, f"inference backend unavailable: {exc}", code="backend_error") from None
-    except TimeoutError:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        raise APIError(503, "generation timed out before the first token", code="timeout") from None
 
 
 async def _unless_disconnected(request: Request[Any, Any, Any], work: Any) -> Any:
@@ -249,21 +267,19 @@ async def _collect(
     usage: dict[str, Any],
     deadline: float,
 ) -> dict[str, Any]:
-    parts = [first.text]
-    last = first
-    try:
-        async with asyncio.timeout_at(deadline):
-            while last.finish_reason is None:
-                last = await anext(chunks)
-                parts.append(last.text)
-    except TimeoutError:
-        last = GenerationChunk("", "length", last.num_prompt_tokens, last.num_completion_tokens)
-    except BackendError as exc:
-        raise APIError(503, f"generation failed: {exc}", code="backend_error") from None
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+    text, last = await read_to_end(chunks, first, deadline)
     _record_usage(usage, last)
-    return builder.full("".join(parts), last)
+    return builder.full(text, last)
+
+
+async def _whole(
+    chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, deadline: float
+) -> AsyncIterator[GenerationChunk]:
+    """The whole generation as one chunk (the stream is closed either way)."""
+    text, last = await read_to_end(chunks, first, deadline)
+    yield GenerationChunk(
+        text, last.finish_reason, last.num_prompt_tokens, last.num_completion_tokens
+    )
 
 
 async def _sse(
@@ -280,11 +296,13 @@ async def _sse(
         if builder.chat:
             yield _event(builder.delta_event(role=True))
         chunk = first
+        finish_reason: str | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
                     if chunk.text:
-                        yield builder.text_event(chunk.text)
+                        event, finish_reason = builder.content_event(chunk.text)
+                        yield event
                     if chunk.finish_reason is not None:
                         break
                     chunk = await anext(chunks)
@@ -307,7 +325,7 @@ async def _sse(
             yield b"data: [DONE]\n\n"
             return
         _record_usage(usage, chunk)
-        yield _event(builder.delta_event(finish_reason=chunk.finish_reason))
+        yield _event(builder.delta_event(finish_reason=finish_reason or chunk.finish_reason))
         if include_usage:
             yield _event(builder.usage_event(chunk))
         yield b"data: [DONE]\n\n"

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 from medserve.accel.base import GenerationChunk, GenerationRequest
+from medserve.server.tool_calls import ToolCalls
 
 _PLACEHOLDER = "\x00"
 _ENCODED_PLACEHOLDER = msgspec.json.encode(_PLACEHOLDER)
@@ -21,8 +22,11 @@ class ResponseBuilder:
         chat: bool,
         created: int,
         fingerprint: str | None = None,
+        calls: ToolCalls | None = None,
     ) -> None:
         self.id = generation.request_id
+        self.calls = calls
+        """Tools of the request: text that is a call becomes ``tool_calls``."""
         self.model = generation.model
         self.chat = chat
         self.created = created
@@ -59,10 +63,16 @@ class ResponseBuilder:
 
     def full(self, text: str, last: GenerationChunk) -> dict[str, Any]:
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish_reason: str | None = last.finish_reason
+            tool_calls = self.calls.parse(text) if self.calls else None
+            if tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+                finish_reason = "tool_calls"
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": last.finish_reason,
+                "message": message,
+                "finish_reason": finish_reason,
                 "logprobs": None,
             }
             body = self._envelope("chat.completion", [choice])
@@ -76,6 +86,16 @@ class ResponseBuilder:
             body = self._envelope("text_completion", [choice])
         body["usage"] = self._usage(last)
         return body
+
+    def content_event(self, text: str) -> tuple[bytes, str | None]:
+        """The event for ``text`` and the finish reason it implies ("tool_calls" for a call)."""
+        tool_calls = self.calls.parse(text) if self.calls else None
+        if not tool_calls:
+            return self.text_event(text), None
+        delta = {"tool_calls": [{"index": 0, **call} for call in tool_calls]}
+        choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+        event = self._envelope("chat.completion.chunk", [choice])
+        return b"data: " + msgspec.json.encode(event) + b"\n\n", "tool_calls"
 
     def delta_event(
         self, *, text: str = "", role: bool = False, finish_reason: str | None = None
@@ -102,7 +122,7 @@ class ResponseBuilder:
 # describe the same bodies for the OpenAPI document, and the schemathesis test checks every
 # response against them.
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class Usage(msgspec.Struct):
@@ -111,9 +131,27 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class CalledFunction(msgspec.Struct):
+    name: str
+    arguments: str
+    """JSON text, valid against the tool's ``parameters``."""
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class AssistantMessage(msgspec.Struct):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    """None when the answer is ``tool_calls``."""
+    tool_calls: list[ToolCallOut] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -136,6 +174,7 @@ class ChatCompletion(msgspec.Struct):
 class ChatDelta(msgspec.Struct):
     role: Literal["assistant"] | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCallDelta] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -2,7 +2,7 @@
 
 Nothing a client sends is silently ignored: a field outside the OpenAI API is a 400 naming it
 (``forbid_unknown_fields``), and an OpenAI field this server does not implement (logprobs,
-tools, response_format, penalties...) is declared here so the OpenAPI document lists it, and
+penalties, logprobs...) is declared here so the OpenAPI document lists it, and
 is a 400 naming it whenever it asks for anything but the default behaviour.  Clients that
 send the defaults explicitly (``"n": 1``, ``"presence_penalty": 0``) keep working.
 
@@ -45,18 +45,59 @@ class TextPart(msgspec.Struct, forbid_unknown_fields=True):
     text: Text
 
 
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class CalledFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+    arguments: Text
+    """The arguments as JSON text, as the model wrote them."""
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True):
+    """A call an assistant turn made (sent back in the history of a conversation)."""
+
+    id: Name
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | Annotated[list[TextPart], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = (
         None
     )
+    name: Name | None = None
+    tool_calls: Annotated[list[ToolCall], msgspec.Meta(max_length=64)] | None = None
+    tool_call_id: Name | None = None
+    """On a ``tool`` turn: the call whose result this is."""
 
     def text(self) -> str:
+        if self.tool_calls and not self.content:
+            # The model wrote calls as this JSON (server/structured_output.py): show it the same.
+            return "\n".join(
+                f'{{"name": "{c.function.name}", "arguments": {c.function.arguments}}}'
+                for c in self.tool_calls
+            )
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: FunctionName
+    description: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of the arguments (checked like response_format schemas)."""
+    strict: bool | None = None
+    """Accepted; arguments are always constrained to ``parameters`` when a call is forced."""
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -100,8 +141,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True)
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    """``none``, ``auto`` (the model may answer or call), ``required`` (a call is forced by
+    constrained decoding), or ``{"type": "function", "function": {"name": ...}}``."""
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
@@ -154,22 +197,9 @@ def _unsupported(request: Any) -> list[tuple[str, bool, str]]:
         ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
     ]
     if isinstance(request, ChatCompletionRequest):
-        response_format = request.response_format
         checks += [
             ("logprobs", bool(request.logprobs), "logprobs are not supported"),
             ("top_logprobs", bool(request.top_logprobs), "top_logprobs are not supported"),
-            (
-                "response_format",
-                response_format is not None and response_format.type != "text",
-                "response_format json_object/json_schema (structured output) is not supported "
-                "yet; only {'type': 'text'}",
-            ),
-            ("tools", bool(request.tools), "tool calling is not supported by this server"),
-            (
-                "tool_choice",
-                request.tool_choice not in (None, "none", "auto"),
-                "tool calling is not supported by this server",
-            ),
             ("functions", bool(request.functions), "function calling is not supported"),
             (
                 "function_call",

@@ -193,6 +193,53 @@ class CasesSettings:
 
 
 @dataclass(frozen=True)
+class KnowledgeSettings:
+    enabled: bool = True
+    data_dir: Path = field(default_factory=lambda: default_home() / "knowledge")
+    """SQLite database of documents and passages (the source of truth) and the hnswlib index."""
+    chunk_chars: int = 700
+    """Longest passage; e5 reads 512 tokens, about 1,500 English or 700 Chinese characters."""
+    chunk_overlap_chars: int = 100
+    """Characters shared by consecutive passages, so a fact cut in two is whole in one."""
+    min_score: float = 0.85
+    """Cosine similarity a passage needs to ground an answer; below it the server refuses.
+    Measured with multilingual-e5-small on guideline passages: related questions (English and
+    Chinese) 0.886-0.913, unrelated ones 0.735-0.818 (a Chinese cooking question the highest)."""
+    max_text_chars: int = 500_000
+    """Longest document text (after PDF extraction)."""
+    max_question_chars: int = 4_000
+    default_max_tokens: int = 256
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 64
+    embed_threads: int = 1
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (
+                100 <= self.chunk_chars <= 4000,
+                f"knowledge.chunk_chars must be 100-4000, got {self.chunk_chars}",
+            ),
+            (
+                0 <= self.chunk_overlap_chars < self.chunk_chars // 2,
+                "knowledge.chunk_overlap_chars must be >= 0 and below half of chunk_chars",
+            ),
+            (
+                -1.0 <= self.min_score <= 1.0,
+                f"knowledge.min_score must be -1..1, got {self.min_score}",
+            ),
+            (4 <= self.hnsw_m <= 96, f"knowledge.hnsw_m must be 4-96, got {self.hnsw_m}"),
+            (self.hnsw_ef_construction >= self.hnsw_m, "knowledge.hnsw_ef_construction < m"),
+            (self.hnsw_ef_search >= 1, "knowledge.hnsw_ef_search must be >= 1"),
+            (self.max_text_chars >= 1000, "knowledge.max_text_chars must be >= 1000"),
+            (self.default_max_tokens >= 1, "knowledge.default_max_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     keys_file: Path = field(default_factory=lambda: default_home() / "keys.json")
     """Scoped API keys (salted hashes only), managed with `medserve keys`; re-read on change.
@@ -241,6 +288,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     cases: CasesSettings = field(default_factory=CasesSettings)
+    knowledge: KnowledgeSettings = field(default_factory=KnowledgeSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
@@ -249,6 +297,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "engine": EngineSettings,
     "cases": CasesSettings,
+    "knowledge": KnowledgeSettings,
     "auth": AuthSettings,
     "audit": AuditSettings,
 }

@@ -59,13 +59,12 @@ def test_invalid_utf8_and_surrogates_are_400(body: bytes) -> None:
     [
         ('"logprobs": true', "logprobs"),
         ('"top_logprobs": 3', "top_logprobs"),
-        ('"response_format": {"type": "json_object"}', "response_format"),
+        ('"response_format": {"type": "xml"}', "response_format.type"),
         (
-            '"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}',
-            "response_format",
+            '"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]',
+            "tools[0].function.x",
         ),
-        ('"tools": [{"type": "function", "function": {"name": "f"}}]', "tools"),
-        ('"tool_choice": "required"', "tool_choice"),
+        ('"functions": [{"name": "f"}]', "functions"),
         ('"n": 2', "n"),
         ('"presence_penalty": 0.5', "presence_penalty"),
         ('"frequency_penalty": -1', "frequency_penalty"),
@@ -86,8 +85,8 @@ def test_unsupported_fields_are_400_naming_them(extra: str, param: str) -> None:
 
 
 def test_unsupported_message_fields_are_400_naming_them() -> None:
-    body = b'{"messages": [{"role": "user", "content": "hi", "name": "dr-x"}]}'
-    assert _chat_error(body).param == "messages[0].name"
+    body = b'{"messages": [{"role": "user", "content": "hi", "weight": 1}]}'
+    assert _chat_error(body).param == "messages[0].weight"
     parts = b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}'
     assert _chat_error(parts).param.startswith("messages[0].content[0]")
 
