@@ -8,7 +8,7 @@
 # release in use, PREFIX/previous -> the one before.  Data (config, keys, cases, audit trail,
 # models) lives in HOME and is never replaced: the bundled model is copied in only where it is
 # missing.  An upgrade builds the new release beside the running one and starts it once on a
-# spare loopback port (cases and audit off, so no data is touched); only when it answers
+# spare loopback port (cases, knowledge base and audit off, so no data is touched); only when it answers
 # /ready does `current` switch, atomically.  When a systemd unit named medserve is active it is
 # restarted, and if the new release does not become ready the switch is undone and the old
 # release restarted.  A failed install leaves the running release and all data as they were.
@@ -92,7 +92,7 @@ probe() {
   for name in "${!MEDSERVE_@}"; do [[ "$name" == MEDSERVE_CONFIG ]] || drop+=(-u "$name"); done
   env "${drop[@]}" MEDSERVE_HOME="$HOME_DIR" \
     MEDSERVE_SERVER_HOST=127.0.0.1 MEDSERVE_SERVER_PORT="$port" \
-    MEDSERVE_CASES_ENABLED=false MEDSERVE_AUDIT_ENABLED=false \
+    MEDSERVE_CASES_ENABLED=false MEDSERVE_AUDIT_ENABLED=false MEDSERVE_KNOWLEDGE_ENABLED=false \
     "$RELEASE/.venv/bin/medserve" serve >"$log" 2>&1 &
   pid=$!
   for _ in $(seq "$READY_TIMEOUT_S"); do

@@ -52,6 +52,8 @@ class ServerProcess:
         # keys the developer's home holds, and no test records in the home's audit trail.
         full_env.setdefault("MEDSERVE_AUTH_KEYS_FILE", str(log_dir / f"keys-{port}.json"))
         full_env.setdefault("MEDSERVE_AUDIT_DIR", str(log_dir / f"audit-{port}"))
+        # Nor any test document in the home's knowledge base.
+        full_env.setdefault("MEDSERVE_KNOWLEDGE_DATA_DIR", str(log_dir / f"knowledge-{port}"))
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "medserve.server.cli", "serve"],
