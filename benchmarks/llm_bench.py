@@ -5,6 +5,7 @@
     medserve bench engine ...     the engine in-process, without HTTP (benchmarks/engine_bench.py)
     medserve bench retrieval ...  embedder retrieval quality, zh/en (benchmarks/retrieval_eval.py)
     medserve bench structured ... schema validity of structured output (structured_validity.py)
+    medserve bench answers ...    citation correctness of /v1/answers, zh/en (answers_eval.py)
 
 ``run`` is the default, so ``medserve bench --url ...`` works as it always did.  The other
 sub-commands are imported only when asked for: they may pull in heavy libraries (torch, the
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "engine": "medserve.benchmarks.engine_bench",
     "retrieval": "medserve.benchmarks.retrieval_eval",
     "structured": "medserve.benchmarks.structured_validity",
+    "answers": "medserve.benchmarks.answers_eval",
 }
 
 
