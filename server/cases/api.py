@@ -17,6 +17,7 @@ from medserve.server.api_docs import documented
 from medserve.server.audit.context import audited, note_cases
 from medserve.server.auth.scopes import CASES_READ, CASES_WRITE, EMBEDDINGS, route_scope
 from medserve.server.cases.component import CasesComponent
+from medserve.server.cases.filters import Filters
 from medserve.server.cases.schemas import (
     CaseDeleted,
     CaseIn,
@@ -107,16 +108,7 @@ async def search_cases(
         raise APIError(400, "send exactly one of 'text' or 'case_id'", param="text")
     if body.text is not None:
         _check_text(body.text, limits.max_text_chars, "text")
-    if body.k > limits.max_k:
-        raise APIError(400, f"k must be <= {limits.max_k}, got {body.k}", param="k")
-    filters = body.filters.filters() if body.filters else None
-    if (
-        filters is not None
-        and filters.age_min is not None
-        and filters.age_max is not None
-        and filters.age_min > filters.age_max
-    ):
-        raise APIError(400, "filters.age_min is above filters.age_max", param="filters.age_min")
+    filters = search_limits(body.k, body.filters, limits.max_k)
     if body.case_id is not None:
         note_cases(request, [body.case_id])
     service = cases.require_index()
@@ -215,6 +207,24 @@ def _validate_cases(items: list[CaseIn], max_chars: int) -> None:
             raise APIError(
                 400, "discharge_date is before admission_date", param=f"cases[{i}].discharge_date"
             )
+
+
+def search_limits(k: int, body_filters: Any, max_k: int) -> Filters | None:
+    """The search's filters once ``k`` and the filters are within bounds (else a 400).
+
+    Shared by every route that searches the case index (/v1/cases/search, clinical helpers).
+    """
+    if k > max_k:
+        raise APIError(400, f"k must be <= {max_k}, got {k}", param="k")
+    filters = body_filters.filters() if body_filters else None
+    if (
+        filters is not None
+        and filters.age_min is not None
+        and filters.age_max is not None
+        and filters.age_min > filters.age_max
+    ):
+        raise APIError(400, "filters.age_min is above filters.age_max", param="filters.age_min")
+    return filters
 
 
 def _check_text(text: str, max_chars: int, param: str) -> None:

@@ -22,6 +22,7 @@ from medserve.accel.base import Turn
 from medserve.server.api_docs import documented
 from medserve.server.audit.context import audited, note_cases
 from medserve.server.auth.scopes import CASES_READ, CHAT, route_scope
+from medserve.server.cases.api import search_limits
 from medserve.server.cases.component import CasesComponent
 from medserve.server.cases.service import Match
 from medserve.server.clinical.prompts import (
@@ -130,16 +131,7 @@ async def similar_cases(
         raise APIError(
             400, f"text is longer than cases.max_text_chars ({limits.max_text_chars})", param="text"
         )
-    if body.k > limits.max_k:
-        raise APIError(400, f"k must be <= {limits.max_k}, got {body.k}", param="k")
-    filters = body.filters.filters() if body.filters else None
-    if (
-        filters is not None
-        and filters.age_min is not None
-        and filters.age_max is not None
-        and filters.age_min > filters.age_max
-    ):
-        raise APIError(400, "filters.age_min is above filters.age_max", param="filters.age_min")
+    filters = search_limits(body.k, body.filters, limits.max_k)
     model = _structured_model(runtime, body.model)
     service = cases.require_index()
     with metrics.time_case_search():
