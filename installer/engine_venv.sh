@@ -78,6 +78,10 @@ install_native_wheel() {  # $1 dist name, $2 version, $3 CMAKE_ARGS, $4 build-ti
   if [[ ${#patches[@]} -gt 0 ]]; then
     tag="-p$(cat "${patches[@]}" | sha256sum | cut -c1-8)"
   fi
+  # Extra compiler flags name it too: a wheel built with other flags is another build.
+  if [[ -n "${NATIVE_CFLAGS:-}" ]]; then
+    tag="$tag-f$(printf '%s' "$NATIVE_CFLAGS" | sha256sum | cut -c1-8)"
+  fi
   wheel_dir="$cache/$dist-$version$tag-$fp"
   for src in "${MEDSERVE_WHEELHOUSE:+$MEDSERVE_WHEELHOUSE/native/$(basename "$wheel_dir")}" "$wheel_dir"; do
     if [[ -n "$src" && -z "${MEDSERVE_REBUILD_NATIVE:-}" && -f "$src/medserve-native-build.json" ]] && \
@@ -102,6 +106,9 @@ install_native_wheel() {  # $1 dist name, $2 version, $3 CMAKE_ARGS, $4 build-ti
       done
     fi
     # --no-cache-dir: never reuse pip's flag-blind cache; our cache is the folder above.
+    # NATIVE_CFLAGS: compiler flags CMake takes from CFLAGS/CXXFLAGS (they hold spaces, which
+    # CMAKE_ARGS cannot carry).
+    CFLAGS="${NATIVE_CFLAGS:-}" CXXFLAGS="${NATIVE_CFLAGS:-}" \
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$tmp/wheel" "$sdist"
     mkdir -p "$wheel_dir"
@@ -179,8 +186,11 @@ PY
     "${PIP[@]}" install --progress-bar on -c "$REQUIREMENTS" -r "$REQUIREMENTS"
     # Only the shared library and its Python binding: no llava/mtmd, tools, server or curl.
     if ! "$ENGINE_VENV/bin/python" -c 'import llama_cpp' 2>/dev/null || [[ -n "${MEDSERVE_REBUILD_NATIVE:-}" ]]; then
-      install_native_wheel llama-cpp-python 0.3.36 \
-        "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+      # No AMX: ggml's AMX matmul (batched q4/q8 prompt processing) faults at ldtilecfg on
+      # the Xeon VMs here (general protection fault, every prompt longer than one token),
+      # while AVX-512/VNNI from -march=native stay on (GCC keeps explicit -mno-* over -march).
+      NATIVE_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" install_native_wheel llama-cpp-python 0.3.36 \
+        "-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
         "about 5 minutes on 2 cores, once per CPU type"
     fi
     "${PIP[@]}" install --progress-bar on --no-deps -e "$ROOT"
