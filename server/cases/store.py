@@ -123,6 +123,69 @@ class Written:
     """The codes the row had before an update (the filter index must forget them)."""
 
 
+@dataclass(frozen=True)
+class VectorDBMeta:
+    """What a database of embedded texts must match to be opened (see open_vector_db)."""
+
+    kind: str
+    """"case", "knowledge": names the database in errors."""
+    schema_version: int
+    embedder: str
+    dim: int
+    data_dir_setting: str
+    remedy: str
+    """What else the operator can do about vectors of another embedder."""
+
+
+def open_vector_db(
+    path: Path, schema: str, meta: VectorDBMeta, *pragmas: str
+) -> sqlite3.Connection:
+    """A connection to a durable store of embedded texts (cases, knowledge passages).
+
+    WAL with synchronous=FULL: a commit is on disk when it returns, which is when the API
+    acknowledges a write.  Refuses a newer schema, and vectors of another embedder: they are
+    not comparable with new ones, and refusing is safer than silently mixing them in one index.
+    """
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", *pragmas, "busy_timeout=5000"):
+            db.execute(f"PRAGMA {pragma}")
+        db.executescript(schema)
+        _check_meta(db, path, meta)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{meta.kind} database {path} cannot be opened: {exc}") from None
+    except StoreError:
+        db.close()
+        raise
+    return db
+
+
+def _check_meta(db: sqlite3.Connection, path: Path, meta: VectorDBMeta) -> None:
+    stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    if "schema" in stored and int(stored["schema"]) > meta.schema_version:
+        raise StoreError(
+            f"{meta.kind} database {path} has schema {stored['schema']}, newer than this "
+            f"medserve understands ({meta.schema_version}); upgrade medserve"
+        )
+    embedder = stored.get("embedder")
+    if embedder is not None and (
+        embedder != meta.embedder or int(stored.get("dim", 0)) != meta.dim
+    ):
+        raise StoreError(
+            f"{meta.kind} database {path} holds {stored.get('dim')}-d vectors from embedder "
+            f"{embedder!r}, but this server embeds with {meta.embedder!r} ({meta.dim}-d); point "
+            f"{meta.data_dir_setting} elsewhere or {meta.remedy}"
+        )
+    with _Transaction(db):
+        for key, value in (
+            ("schema", meta.schema_version),
+            ("embedder", meta.embedder),
+            ("dim", meta.dim),
+        ):
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+
 class CaseStore:
     """Thread-safe: one connection, one lock.  Statements are short; vectors come precomputed."""
 
@@ -131,16 +194,13 @@ class CaseStore:
         self.dim = dim
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._check_meta(embedder, dim)
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise StoreError(f"case database {path} cannot be opened: {exc}") from None
+        self._db = open_vector_db(
+            path,
+            _SCHEMA,
+            VectorDBMeta(
+                "case", SCHEMA_VERSION, embedder, dim, "cases.data_dir", "re-import the cases"
+            ),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -319,28 +379,6 @@ class CaseStore:
         if v.shape[0] != self.dim:
             raise ValueError(f"vector has {v.shape[0]} dimensions, expected {self.dim}")
         return v.tobytes()
-
-    def _check_meta(self, embedder: str, dim: int) -> None:
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if "schema" in meta and int(meta["schema"]) > SCHEMA_VERSION:
-            raise StoreError(
-                f"case database {self.path} has schema {meta['schema']}, newer than this "
-                f"medserve understands ({SCHEMA_VERSION}); upgrade medserve"
-            )
-        stored = meta.get("embedder")
-        if stored is not None and (stored != embedder or int(meta.get("dim", 0)) != dim):
-            # Vectors from another model are not comparable with new ones: refusing is safer
-            # than silently mixing them in one index.
-            raise StoreError(
-                f"case database {self.path} holds {meta.get('dim')}-d vectors from embedder "
-                f"{stored!r}, but this server embeds with {embedder!r} ({dim}-d); point "
-                f"cases.data_dir elsewhere or re-import the cases"
-            )
-        with self._transaction():
-            for key, value in (("schema", SCHEMA_VERSION), ("embedder", embedder), ("dim", dim)):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value))
-                )
 
 
 class _Transaction:

@@ -47,15 +47,7 @@ class DocumentSummary(msgspec.Struct):
     created_at: int
 
 
-class DocumentOut(msgspec.Struct):
-    id: str
-    object: Literal["document"]
-    title: str
-    source: str | None
-    language: str | None
-    format: str
-    chunks: int
-    created_at: int
+class DocumentOut(DocumentSummary):
     text: str
 
 

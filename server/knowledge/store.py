@@ -8,7 +8,6 @@ can be matched against the database it was taken from.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 import uuid
@@ -17,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from medserve.server.cases.store import StoreError, _full_disk_as_507, _Transaction
+from medserve.server.cases.store import (
+    VectorDBMeta,
+    _full_disk_as_507,
+    _Transaction,
+    open_vector_db,
+)
 from medserve.server.knowledge.chunking import Chunk
 
 SCHEMA_VERSION = 1
@@ -75,17 +79,10 @@ class KnowledgeStore:
         self.path = path
         self.dim = dim
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            self._check_meta(embedder, dim)
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise StoreError(f"knowledge database {path} cannot be opened: {exc}") from None
+        meta = VectorDBMeta(
+            "knowledge", SCHEMA_VERSION, embedder, dim, "knowledge.data_dir", "delete its documents"
+        )
+        self._db = open_vector_db(path, _SCHEMA, meta, "foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -226,20 +223,3 @@ class KnowledgeStore:
         if v.shape[0] != self.dim:
             raise ValueError(f"vector has {v.shape[0]} dimensions, expected {self.dim}")
         return v.tobytes()
-
-    def _check_meta(self, embedder: str, dim: int) -> None:
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if "schema" in meta and int(meta["schema"]) > SCHEMA_VERSION:
-            raise StoreError(f"knowledge database {self.path} has a newer schema; upgrade")
-        stored = meta.get("embedder")
-        if stored is not None and (stored != embedder or int(meta.get("dim", 0)) != dim):
-            # Vectors of another model are not comparable with new query vectors.
-            raise StoreError(
-                f"knowledge database {self.path} holds vectors from embedder {stored!r}, "
-                f"this server embeds with {embedder!r}; point knowledge.data_dir elsewhere"
-            )
-        with _Transaction(self._db):
-            for key, value in (("schema", SCHEMA_VERSION), ("embedder", embedder), ("dim", dim)):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value))
-                )
