@@ -8,11 +8,13 @@ and prefix caching; this module only translates requests and reads each handle's
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medserve.accel.chat_template import message_tools_shape, template_messages
 from medserve.accel.engine_core import (
     EngineStats,
     InvalidPrompt,
@@ -20,6 +22,7 @@ from medserve.accel.engine_core import (
     StepOutput,
 )
 from medserve.accel.fast_decode import verified_fast_decoder
+from medserve.accel.json_grammar import compact_json_grammar
 from medserve.accel.protocol import Configure, FinishReason, ModelDescription
 from medserve.kv_cache.planner import KVGeometry, plan_kv_cache
 from medserve.models.manifest import read_manifest
@@ -73,6 +76,9 @@ class OpenVINOEngine:
             str(model_dir), scheduler, str(options.get("device", "CPU")), cpu_properties(options)
         )
         self.tokenizer = self.pipeline.get_tokenizer()
+        # GLM-4-9B-chat's and ChatGLM3's templates (models/chatglm_templates.py) describe tools
+        # given on a system message and write calls in the model's syntax.
+        self._tool_shape = message_tools_shape(self.tokenizer.chat_template)
         defaults = self.pipeline.get_config()
         self._eos_token_id = defaults.eos_token_id
         self._stop_token_ids = set(defaults.stop_token_ids)
@@ -104,14 +110,13 @@ class OpenVINOEngine:
             engine="openvino",
             pid=os.getpid(),
             structured_output=True,
+            template_tools=self._tool_shape is not None,
         )
 
     def add(self, request: PromptInput) -> int:
         if request.messages is not None:
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": t.role, "content": t.content} for t in request.messages],
-                add_generation_prompt=True,
-            )
+            messages = template_messages(request.messages, request.tools, self._tool_shape)
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             # The template already wrote any BOS/special tokens the model expects.
             input_ids = self.tokenizer.encode(prompt, add_special_tokens=False).input_ids
         else:
@@ -150,12 +155,18 @@ class OpenVINOEngine:
         if sampling.seed is not None:
             config.rng_seed = int(sampling.seed)
         if sampling.json_schema is not None:
-            # xgrammar masks every token the schema does not allow (the server checked the
-            # schema's keywords first: one the compiler rejects would break every step).
-            config.structured_output_config = self._ov.StructuredOutputConfig(
-                json_schema=sampling.json_schema
-            )
+            config.structured_output_config = self._structured_output(sampling.json_schema)
         return config
+
+    def _structured_output(self, json_schema: str) -> Any:
+        """xgrammar masks every token the schema does not allow (the server checked the
+        schema's keywords first: one the compiler rejects would break every step).  A schema
+        accel/json_grammar.py covers goes in as a compact grammar (no whitespace between
+        tokens); any other as the schema itself."""
+        grammar = compact_json_grammar(json.loads(json_schema))
+        if grammar is not None:
+            return self._ov.StructuredOutputConfig(grammar=grammar)
+        return self._ov.StructuredOutputConfig(json_schema=json_schema)
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
