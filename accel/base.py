@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from medserve.accel.protocol import FinishReason, Sampling, Turn
+from medserve.accel.protocol import CalledTool, FinishReason, Sampling, Turn
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendOverloaded",
+    "CalledTool",
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
@@ -49,6 +50,8 @@ class GenerationRequest:
     """Raw completion prompt, used as is."""
     messages: tuple[Turn, ...] = field(default_factory=tuple)
     """Chat turns; the engine applies the model's chat template."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI function tools the chat template describes (only if ModelInfo.template_tools)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class ModelInfo:
     """The model version served (``models_dir/.versions/<name>/<version>``); None if unversioned."""
     structured_output: bool = False
     """The engine enforces Sampling.json_schema by constrained decoding."""
+    template_tools: bool = False
+    """The model's chat template describes tools and writes calls in its own syntax."""
 
 
 class Backend(Protocol):

@@ -12,11 +12,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+from medserve.accel.protocol import Turn
+
+# How GLM-4-9B-chat's and ChatGLM3's templates (models/chatglm_templates.py) take tools: as a
+# ``tools`` key of a system message, not as the ``tools`` variable newer templates read.
+_MESSAGE_TOOLS = "message['tools']"
+ToolShape = Literal["openai", "functions"]
+"""OpenAI tools (``{"type": "function", "function": {...}}``, GLM-4-9B-chat's template reads
+``tool['function']``) or bare function objects (ChatGLM3's template prints the list as its
+official demo passes it)."""
 
 
 class ChatTemplateError(ValueError):
@@ -75,3 +84,38 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc
+
+
+def message_tools_shape(source: str) -> ToolShape | None:
+    """How the template takes tools on a system message, or None if it does not."""
+    if _MESSAGE_TOOLS not in source:
+        return None
+    return "openai" if "tool['function']" in source else "functions"
+
+
+def template_messages(
+    turns: Sequence[Turn],
+    tools: Sequence[Mapping[str, Any]] = (),
+    shape: ToolShape | None = "openai",
+) -> list[dict[str, Any]]:
+    """The turns as template messages, ``tools`` on the leading system message (one is added
+    if there is none) and assistant calls as OpenAI ``tool_calls``, which the template writes
+    in the model's own syntax. ``shape`` None (a template that takes no tools) drops them."""
+    messages: list[dict[str, Any]] = [_message(turn) for turn in turns]
+    if tools and shape is not None:
+        if not messages or messages[0]["role"] not in ("system", "developer"):
+            messages.insert(0, {"role": "system", "content": ""})
+        messages[0]["tools"] = [
+            dict(tool) if shape == "openai" else dict(tool["function"]) for tool in tools
+        ]
+    return messages
+
+
+def _message(turn: Turn) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in turn.tool_calls
+        ]
+    return message

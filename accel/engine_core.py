@@ -51,6 +51,8 @@ class PromptInput:
     sampling: Sampling
     prompt: str | None = None
     messages: tuple[Turn, ...] | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    """Function tools for the chat template (engines whose description says template_tools)."""
 
 
 @dataclass

@@ -44,9 +44,19 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     constrained decoding; only engines whose ModelDescription says structured_output."""
 
 
+class CalledTool(msgspec.Struct, frozen=True):
+    """A function call an assistant turn made: the name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
 class Turn(msgspec.Struct, frozen=True):
     role: str
     content: str
+    tool_calls: tuple[CalledTool, ...] = ()
+    """Calls of an assistant turn, for templates that write calls in their own syntax
+    (ModelDescription.template_tools); other engines get the calls as ``content`` text."""
 
 
 # -- server -> worker ---------------------------------------------------------------------
@@ -70,6 +80,9 @@ class Add(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Raw completion prompt, tokenized as is."""
     messages: tuple[Turn, ...] | None = None
     """Chat turns; the engine applies the model's chat template."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI function tools for the chat template to describe in its own syntax; sent only
+    to engines whose ModelDescription says template_tools."""
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True):
@@ -96,6 +109,9 @@ class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     structured_output: bool = False
     """The engine can constrain decoding to a JSON Schema (Sampling.json_schema)."""
+    template_tools: bool = False
+    """The model's chat template describes tools (Add.tools) and renders assistant calls
+    (Turn.tool_calls) itself, in the syntax the model was trained on."""
 
 
 class Ready(msgspec.Struct, frozen=True, tag=True):

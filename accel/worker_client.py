@@ -130,6 +130,7 @@ class WorkerClient:
             backend=model.engine,
             created=int(time.time()),
             structured_output=model.structured_output,
+            template_tools=model.template_tools,
         )
         self.alive = True
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"read-{self.name}")
@@ -228,6 +229,7 @@ class WorkerClient:
                     sampling=request.params,
                     prompt=request.prompt,
                     messages=request.messages or None,
+                    tools=request.tools,
                 )
             )
             while not finished:

@@ -98,6 +98,7 @@ class WorkerHost:
             sampling=message.sampling,
             prompt=message.prompt,
             messages=message.messages,
+            tools=message.tools,
         )
         try:
             num_prompt = self.engine.add(request)

@@ -20,6 +20,7 @@ from medserve.accel.base import (
     BackendOverloaded,
     GenerationChunk,
     GenerationRequest,
+    ModelInfo,
     PromptTooLong,
     Sampling,
     Turn,
@@ -54,9 +55,14 @@ def resolve_model(runtime: ServerState, requested: str | None) -> str:
     return requested
 
 
+def model_info(runtime: ServerState, model: str) -> ModelInfo | None:
+    """What the engine serving ``model`` said about it when it loaded."""
+    return next((m for m in runtime.require_backend().models() if m.name == model), None)
+
+
 def require_structured_output(runtime: ServerState, model: str, param: str) -> None:
     """400 unless the engine serving ``model`` can constrain decoding to a schema."""
-    info = next((m for m in runtime.require_backend().models() if m.name == model), None)
+    info = model_info(runtime, model)
     if info is not None and not info.structured_output:
         raise APIError(
             400,

@@ -24,7 +24,6 @@ from medserve.accel.base import (
     GenerationRequest,
     ModelInfo,
     Sampling,
-    Turn,
 )
 from medserve.server.api_docs import documented
 from medserve.server.audit.context import audited
@@ -32,6 +31,7 @@ from medserve.server.auth.scopes import CHAT, EMBEDDINGS, route_scope
 from medserve.server.errors import APIError
 from medserve.server.generation import (
     first_chunk,
+    model_info,
     read_to_end,
     require_structured_output,
     resolve_model,
@@ -54,10 +54,11 @@ from medserve.server.state import ServerState
 from medserve.server.structured_output import (
     check_tools,
     response_schema,
+    template_tool,
     tool_call_schema,
     tools_instruction,
 )
-from medserve.server.tool_calls import ToolCalls, with_system_note
+from medserve.server.tool_calls import ToolCalls, chat_turns, with_system_note
 
 
 @get("/models", opt=route_scope(CHAT, EMBEDDINGS), operation_class=documented(None, ModelList))
@@ -103,13 +104,18 @@ async def chat_completions(
 ) -> Response[Any]:
     body = decode_body(await request.body(), ChatCompletionRequest)
     model = resolve_model(runtime, body.model)
-    turns = [Turn(role=m.role, content=m.text()) for m in body.messages]
+    info = model_info(runtime, model)
+    # GLM-4-9B-chat / ChatGLM3: the model's own template describes the tools and writes calls
+    # in the syntax it was trained on; every other model gets a generic note and JSON calls.
+    template_tools = info is not None and info.template_tools
+    turns = chat_turns(body.messages, template_tools)
     schema = response_schema(body.response_format)
     tools = body.tools if body.tools and body.tool_choice != "none" else []
     calls: ToolCalls | None = None
     if tools:
         check_tools(tools)
-        turns = with_system_note(turns, tools_instruction(tools))
+        if not template_tools:
+            turns = with_system_note(turns, tools_instruction(tools))
         forced = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
         if forced and schema is not None:
             raise APIError(
@@ -119,7 +125,7 @@ async def chat_completions(
             )
         if forced:
             schema = tool_call_schema(tools, body.tool_choice)
-        calls = ToolCalls(tools, forced)
+        calls = ToolCalls(tools, forced, template_syntax=template_tools)
     if schema is not None:
         require_structured_output(runtime, model, "tool_choice" if calls else "response_format")
     generation = GenerationRequest(
@@ -130,6 +136,7 @@ async def chat_completions(
             json_schema=None if schema is None else json.dumps(schema),
         ),
         messages=tuple(turns),
+        tools=tuple(template_tool(t) for t in tools) if template_tools else (),
     )
     return await _respond(
         request,

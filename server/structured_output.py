@@ -9,6 +9,7 @@ unsupported keyword is a 400 naming it, never a surprise in the worker.
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -170,12 +171,72 @@ def parse_tool_call(text: str, tools: Sequence[Any]) -> tuple[str, str] | None:
         return None
     if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
         return None
-    tool = next((t for t in tools if t.function.name == call["name"]), None)
-    if tool is None or not isinstance(call["arguments"], dict):
+    return _checked_call(call["name"], call["arguments"], tools)
+
+
+def parse_template_call(text: str, tools: Sequence[Any]) -> tuple[str, str] | None:
+    """(name, arguments as JSON text) if ``text`` is one call in GLM-4's or ChatGLM3's syntax.
+
+    Both write a call as the tool's name on the first line (the turn's metadata in their
+    templates), then the arguments: a JSON object for GLM-4, ``tool_call(key=value, ...)`` in
+    a python code block for ChatGLM3 (its own demo's format; JSON is accepted from it too).
+    """
+    name, newline, rest = text.strip().partition("\n")
+    if not newline:
+        return None
+    rest = rest.strip()
+    arguments = _tool_call_kwargs(rest) if rest.startswith("```") else _json_value(rest)
+    return _checked_call(name.strip(), arguments, tools)
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _tool_call_kwargs(block: str) -> dict[str, Any] | None:
+    """The keyword arguments of ChatGLM3's python block ``tool_call(a=1)``, read as literals
+    (ast.literal_eval: nothing the model wrote is ever executed)."""
+    code = block.removeprefix("```python").removeprefix("```").removesuffix("```").strip()
+    try:
+        call = ast.parse(code, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+        return None
+    if call.func.id != "tool_call" or call.args or any(k.arg is None for k in call.keywords):
+        return None
+    try:
+        return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _checked_call(name: Any, arguments: Any, tools: Sequence[Any]) -> tuple[str, str] | None:
+    """The call if ``name`` is a tool and ``arguments`` an object valid for its parameters."""
+    tool = next((t for t in tools if t.function.name == name), None)
+    if tool is None or not isinstance(arguments, dict):
         return None
     if tool.function.parameters is not None:
         try:
-            jsonschema.validate(call["arguments"], tool.function.parameters)
+            jsonschema.validate(arguments, tool.function.parameters)
         except jsonschema.ValidationError:
             return None
-    return call["name"], json.dumps(call["arguments"], ensure_ascii=False)
+    return tool.function.name, json.dumps(arguments, ensure_ascii=False)
+
+
+def template_tool(tool: Any) -> dict[str, Any]:
+    """A tool as the chat template gets it: the OpenAI shape, fields the client left out
+    omitted (a template prints the function as JSON; ``null`` fields would be noise)."""
+    function = {
+        key: value
+        for key, value in (
+            ("name", tool.function.name),
+            ("description", tool.function.description),
+            ("parameters", tool.function.parameters),
+        )
+        if value is not None
+    }
+    return {"type": "function", "function": function}
