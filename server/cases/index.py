@@ -300,6 +300,25 @@ class VectorIndex:
             except RuntimeError:
                 return None
 
+    def vectors(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels found, their unit vectors); labels deleted or unknown are left out."""
+        found: list[int] = []
+        rows: list[np.ndarray] = []
+        with self._lock.read():
+            try:  # one call for all: hnswlib refuses the batch if any label is gone
+                matrix = np.asarray(self._index.get_items(labels.tolist()), dtype=np.float32)
+                return np.asarray(labels, dtype=np.int64), matrix.reshape(-1, self.params.dim)
+            except RuntimeError:
+                pass
+            for label in labels.tolist():
+                try:
+                    rows.append(np.asarray(self._index.get_items([label]), dtype=np.float32)[0])
+                except RuntimeError:
+                    continue
+                found.append(label)
+        matrix = np.stack(rows) if rows else np.empty((0, self.params.dim), dtype=np.float32)
+        return np.asarray(found, dtype=np.int64), matrix
+
     def _knn(self, query: np.ndarray, k: int, predicate: object, *, keep: int) -> list[Hit]:
         """hnswlib's k nearest; only the best ``keep`` become Hit objects (they come sorted)."""
         with self._lock.read():

@@ -136,6 +136,9 @@ class CaseMatch(msgspec.Struct):
 class CaseMatchList(msgspec.Struct):
     object: Literal["list"]
     data: list[CaseMatch]
+    scoring: Literal["cosine", "language_centred"] | None = None
+    """What ``score`` is: plain cosine, or language-centred cosine once Chinese and English
+    cases are both stored (server/cases/languages.py)."""
 
 
 class Embedding(msgspec.Struct):

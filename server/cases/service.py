@@ -16,6 +16,10 @@ Locking:
   from SQLite, so a case deleted meanwhile is dropped, never returned stale.
 * Embedding (the slow part) runs before the write lock, on one dedicated thread, in small
   chunks: a search's query embedding waits for at most one chunk of a large ingest.
+
+Scores: plain cosine, or -- once the collection holds enough Chinese and English cases --
+language-centred cosine (server/cases/languages.py), so a Chinese query finds the English case
+with its diagnosis.  ``scoring()`` says which.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ from medserve.server.cases.index import (
     IndexUnusable,
     SearchIncomplete,
     VectorIndex,
+)
+from medserve.server.cases.languages import (
+    CollectionLanguages,
+    Scoring,
+    candidate_pool,
+    centred_hits,
+    centred_query,
+    language_of,
+    walk_query,
 )
 from medserve.server.cases.store import CaseRecord, CaseStore, Written
 from medserve.server.settings import CasesSettings
@@ -79,6 +92,11 @@ class CaseService:
         self.ef_search = settings.hnsw_ef_search
         self.ef_filtered = settings.hnsw_ef_filtered
         self.attrs = CaseAttributes()
+        self.languages = CollectionLanguages(
+            embedder.dim,
+            min_texts=settings.language_min_texts,
+            enabled=settings.language_centring,
+        )
         self.store: CaseStore | None = None
         self.index: VectorIndex | None = None
         self.loaded = False
@@ -101,6 +119,7 @@ class CaseService:
         self.store = store
         for rows in store.iter_filter_rows():
             self.attrs.load(rows)
+        self._load_languages(store)
         try:
             index, snapshot_seq = VectorIndex.load(self.directory, self.params)
             replayed = self._catch_up(index, snapshot_seq)
@@ -126,6 +145,24 @@ class CaseService:
         self.loaded = True
         if replayed:
             self.snapshot()
+
+    def _load_languages(self, store: CaseStore) -> None:
+        """Fills languages missing from older rows, then sums every language's vectors."""
+        started = time.perf_counter()
+        filled = store.fill_languages(language_of)
+        for labels, langs, vectors in store.iter_languages():
+            known = [i for i, lang in enumerate(langs) if lang]
+            self.languages.put(labels[known], vectors[known], [langs[i] for i in known])
+        log.info(
+            "cases.languages_loaded",
+            filled=filled,
+            scoring=self.scoring(),
+            seconds=round(time.perf_counter() - started, 2),
+            **self.languages.counts(),
+        )
+
+    def scoring(self) -> Scoring:
+        return self.languages.scoring()
 
     def close(self) -> None:
         self._stopping = True
@@ -232,18 +269,25 @@ class CaseService:
         if len({r.case_id for r in records}) != len(records):
             raise ValueError("a batch must not name the same case twice")
         store, index = self._store(), self._index()
+        langs = [language_of(r.text) for r in records]
         with self._write_lock:
-            written = store.upsert(records, vectors)
+            written = store.upsert(records, vectors, langs)
             # Committed: from here on the cases survive a crash even if the lines below do not
             # run (start-up replays them from SQLite).
             labels = np.fromiter((w.label for w in written), dtype=np.int64, count=len(written))
             existing = np.fromiter((not w.created for w in written), dtype=bool, count=len(written))
+            for label in labels[existing]:
+                # An update: its old vector leaves the language sums before the new one enters.
+                old = index.vector(int(label))
+                if old is not None:
+                    self.languages.remove(int(label), old)
             try:
                 index.add(vectors, labels, existing=existing)
             except Exception:
                 # Stored but not searchable until the next start replays it from SQLite.
                 log.error("cases.index_update_failed", cases=len(written))
                 raise
+            self.languages.put(labels, vectors, langs)
             for record, w in zip(records, written, strict=True):
                 self.attrs.put(replace(record, label=w.label), w.previous_icd10)
             self._dirty += len(written)
@@ -261,6 +305,7 @@ class CaseService:
             record = store.get(case_id)
             if record is None:
                 return False
+            vector = index.vector(record.label)
             # Hide it from searches first, so none returns it after the delete is acknowledged.
             index.mark_deleted(record.label)
             self.attrs.remove(record.label, record.icd10)
@@ -270,6 +315,8 @@ class CaseService:
                 index.unmark_deleted(record.label)
                 self.attrs.put(record)
                 raise
+            if vector is not None:
+                self.languages.remove(record.label, vector)
             self._dirty += 1
         return True
 
@@ -285,9 +332,11 @@ class CaseService:
         exclude = None
         if case_id is not None:
             vector, exclude = await asyncio.to_thread(self._case_vector, case_id)
+            lang = self.languages.language(exclude)
         else:
             vector = (await self.embed_queries([text or ""]))[0]
-        return await asyncio.to_thread(self.search_vector, vector, k, filters, exclude)
+            lang = language_of(text or "")
+        return await asyncio.to_thread(self.search_vector, vector, k, filters, exclude, lang)
 
     def search_vector(
         self,
@@ -295,8 +344,21 @@ class CaseService:
         k: int,
         filters: Filters | None = None,
         exclude: int | None = None,
+        language: str | None = None,
     ) -> list[Match]:
-        hits = self._search_hits(np.asarray(vector, dtype=np.float32), k, filters, exclude)
+        """``language`` is the query's: with it, scores are language-centred when the
+        collection is ready for that (see ``scoring``); without it, plain cosines."""
+        vector = np.asarray(vector, dtype=np.float32)
+        debias = self.languages.debias() if language else None
+        if debias is None:
+            hits = self._search_hits(vector, k, filters, exclude)
+        else:
+            query = centred_query(debias, vector, language or "")
+            candidates = self._search_hits(
+                walk_query(debias, query), candidate_pool(k), filters, exclude
+            )
+            # SQLite reads the candidates' vectors faster than hnswlib's get_items (~8 vs ~50 us).
+            hits = centred_hits(debias, query, candidates, self._store().vectors, self.languages, k)
         records = self._store().get_labels([h.label for h in hits])
         return [Match(records[h.label], h.score) for h in hits if h.label in records]
 

@@ -10,6 +10,11 @@ records the seq it reflects; at start-up rows with a larger seq are replayed int
 counter lives in ``meta`` rather than being MAX(seq): deleting the newest row must not let the
 next write reuse a seq that a snapshot already claims.
 
+``lang`` (the language of ``text``, for language-centred scoring: server/cases/languages.py)
+was added after the first release.  It is NULL in rows written before that -- or by an older
+medserve after a rollback, which does not know the column -- and ``CaseStore`` fills every NULL
+at open, so either direction of an upgrade keeps working.
+
 Labels (the integer the index knows a case by) are AUTOINCREMENT rowids: stable across updates
 of a case and never reused after a delete, so a stale index entry can never alias a new case.
 """
@@ -23,7 +28,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +50,7 @@ CREATE TABLE IF NOT EXISTS cases (
     admission_date TEXT,
     discharge_date TEXT,
     embedding      BLOB NOT NULL,
+    lang           TEXT,
     created_at     INTEGER NOT NULL,
     updated_at     INTEGER NOT NULL
 );
@@ -201,6 +207,10 @@ class CaseStore:
                 "case", SCHEMA_VERSION, embedder, dim, "cases.data_dir", "re-import the cases"
             ),
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(cases)")}
+        if "lang" not in columns:
+            # A database from before the column; fill_languages sets the values.
+            self._db.execute("ALTER TABLE cases ADD COLUMN lang TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -208,16 +218,24 @@ class CaseStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def upsert(self, records: Sequence[CaseRecord], vectors: np.ndarray) -> list[Written]:
-        """Insert or replace cases (by case_id) in one transaction; returns their labels."""
-        if len(records) != len(vectors):
-            raise ValueError("one vector per record")
+    def upsert(
+        self,
+        records: Sequence[CaseRecord],
+        vectors: np.ndarray,
+        languages: Sequence[str | None] | None = None,
+    ) -> list[Written]:
+        """Insert or replace cases (by case_id) in one transaction; returns their labels.
+        A language left None is filled in by ``fill_languages`` at the next open."""
+        if languages is None:
+            languages = [None] * len(records)
+        if not len(records) == len(vectors) == len(languages):
+            raise ValueError("one vector and one language per record")
         blobs = [self._blob(v) for v in vectors]
         now = int(time.time())
         out: list[Written] = []
         with _full_disk_as_507(), self._lock, self._transaction():
             seq = self._next_seq(len(records))
-            for record, blob in zip(records, blobs, strict=True):
+            for record, blob, lang in zip(records, blobs, languages, strict=True):
                 seq += 1
                 row = self._db.execute(
                     "SELECT label, icd10 FROM cases WHERE case_id = ?", (record.case_id,)
@@ -232,13 +250,14 @@ class CaseStore:
                     _date_text(record.admission_date),
                     _date_text(record.discharge_date),
                     blob,
+                    lang,
                     now,
                 )
                 if row is None:
                     cursor = self._db.execute(
                         "INSERT INTO cases (seq, text, department, age, sex, icd10, "
-                        "admission_date, discharge_date, embedding, updated_at, case_id, "
-                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "admission_date, discharge_date, embedding, lang, updated_at, case_id, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (*values, record.case_id, now),
                     )
                     out.append(Written(int(cursor.lastrowid or 0), created=True))
@@ -246,7 +265,7 @@ class CaseStore:
                     self._db.execute(
                         "UPDATE cases SET seq = ?, text = ?, department = ?, age = ?, sex = ?, "
                         "icd10 = ?, admission_date = ?, discharge_date = ?, embedding = ?, "
-                        "updated_at = ? WHERE label = ?",
+                        "lang = ?, updated_at = ? WHERE label = ?",
                         (*values, row[0]),
                     )
                     out.append(Written(int(row[0]), False, tuple(json.loads(row[1]))))
@@ -334,6 +353,44 @@ class CaseStore:
                 return
             last = int(rows[-1][0])
             yield rows
+
+    def fill_languages(self, detect: Callable[[str], str], batch: int = 2_000) -> int:
+        """Sets ``lang`` where it is NULL (rows from before the column, or from an older
+        medserve); returns how many rows it set.  Short transactions: writers interleave."""
+        done = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT label, text FROM cases WHERE lang IS NULL LIMIT ?", (batch,)
+                ).fetchall()
+            if not rows:
+                return done
+            values = [(detect(text), label) for label, text in rows]
+            with _full_disk_as_507(), self._lock, self._transaction():
+                self._db.executemany(
+                    "UPDATE cases SET lang = ? WHERE label = ? AND lang IS NULL", values
+                )
+            done += len(values)
+
+    def iter_languages(
+        self, batch: int = 10_000
+    ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+        """(labels, languages, vectors) of every case, a batch at a time (for the means)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT label, lang, embedding FROM cases WHERE label > ? "
+                    "ORDER BY label LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
+            langs = [r[1] or "" for r in rows]
+            yield labels, langs, vectors.reshape(len(rows), self.dim).astype(np.float32)
 
     def iter_vectors(
         self, *, after_seq: int = 0, batch: int = 10_000

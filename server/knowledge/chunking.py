@@ -26,6 +26,13 @@ class Chunk:
     text: str
 
 
+def embedding_text(title: str, passage: str) -> str:
+    """What a passage's vector is computed from.  The title goes into the vector (not into the
+    passage text): "Metformin" in a title makes its passages findable by a question that
+    names only the drug."""
+    return f"{title}\n{passage}"
+
+
 def chunk_text(text: str, *, size: int = 700, overlap: int = 100) -> list[Chunk]:
     """Passages covering every non-blank character of ``text``; none longer than ``size``."""
     if size < 50 or not 0 <= overlap < size // 2:

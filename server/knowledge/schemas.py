@@ -33,6 +33,8 @@ class AnswerRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4
     min_score: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] | None = None
+    """The score the best passage needs, else the answer is refused; default
+    ``knowledge.min_score`` or, on the language-centred scale, ``min_score_centred``."""
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
 
 
@@ -99,3 +101,10 @@ class AnswerOut(msgspec.Struct):
     model: str | None = None
     reason: str | None = None
     usage: AnswerUsage | None = None
+    scoring: Literal["cosine", "language_centred"] | None = None
+    """What the scores are: plain cosine, or language-centred cosine once Chinese and English
+    passages are both stored (another scale, with its own default threshold)."""
+    min_score: float | None = None
+    """The score the best passage needed for an answer."""
+    context_min_score: float | None = None
+    """The score any further passage needed to be used with it."""

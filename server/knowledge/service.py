@@ -6,6 +6,10 @@ index is updated afterwards and saved at shutdown.  At start-up the saved snapsh
 if it was taken at the database's current seq and holds exactly its passages -- otherwise
 (missing, corrupt, stale, other parameters) it is rebuilt from the vectors in SQLite, which is
 cheap at knowledge-base sizes (thousands of passages).
+
+Scores are language-centred once Chinese and English passages are both stored (the case index's
+machinery, server/cases/languages.py); the passages' languages are detected again from their
+text at start-up, which at knowledge-base sizes takes well under a second.
 """
 
 from __future__ import annotations
@@ -22,8 +26,23 @@ from pathlib import Path
 import numpy as np
 import structlog
 from medserve.accel.embeddings import Embedder
-from medserve.server.cases.index import IndexParams, IndexUnusable, SearchIncomplete, VectorIndex
-from medserve.server.knowledge.chunking import Chunk, chunk_text
+from medserve.server.cases.index import (
+    Hit,
+    IndexParams,
+    IndexUnusable,
+    SearchIncomplete,
+    VectorIndex,
+)
+from medserve.server.cases.languages import (
+    CollectionLanguages,
+    Scoring,
+    candidate_pool,
+    centred_hits,
+    centred_query,
+    language_of,
+    walk_query,
+)
+from medserve.server.knowledge.chunking import Chunk, chunk_text, embedding_text
 from medserve.server.knowledge.store import Document, KnowledgeStore, Passage
 from medserve.server.settings import KnowledgeSettings
 
@@ -37,6 +56,13 @@ _EMBED_CHUNK = 8
 class Scored:
     passage: Passage
     score: float
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    passages: list[Scored]
+    scoring: Scoring
+    """What ``score`` is: plain cosine, or language-centred cosine (another scale)."""
 
 
 class KnowledgeService:
@@ -55,6 +81,11 @@ class KnowledgeService:
         self.loaded = False
         self.live = 0
         """Passages in the index (searches never ask hnswlib for more than exist)."""
+        self.languages = CollectionLanguages(
+            embedder.dim,
+            min_texts=settings.language_min_texts,
+            enabled=settings.language_centring,
+        )
         self._write_lock = threading.Lock()
         self._dirty = False
         self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="medserve-kb-embed")
@@ -83,13 +114,17 @@ class KnowledgeService:
             for labels, vectors in store.iter_vectors():
                 index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
             self._dirty = True
+        for labels, texts, vectors in store.iter_passage_texts():
+            self.languages.put(labels, vectors, [language_of(t) for t in texts])
         self.index = index
         self.live = len(live)
         self.loaded = True
         log.info(
             "knowledge.ready",
             passages=self.live,
+            scoring=self.languages.scoring(),
             seconds=round(time.perf_counter() - started, 2),
+            **self.languages.counts(),
         )
 
     def close(self) -> None:
@@ -137,9 +172,7 @@ class KnowledgeService:
         chunks = chunk_text(
             text, size=self.settings.chunk_chars, overlap=self.settings.chunk_overlap_chars
         )
-        # The title goes into each passage's vector (not its text): "Metformin" in a title
-        # makes its passages findable by a question that names only the drug.
-        vectors = await self._embed([f"{title}\n{c.text}" for c in chunks], query=False)
+        vectors = await self._embed([embedding_text(title, c.text) for c in chunks], query=False)
         return await asyncio.to_thread(
             self._add_embedded, title, text, fmt, source, language, chunks, vectors
         )
@@ -167,6 +200,7 @@ class KnowledgeService:
             )
             # Committed: if the lines below fail, the next start rebuilds from SQLite.
             index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
+            self.languages.put(labels, vectors, [language_of(c.text) for c in chunks])
             self.live += len(labels)
             self._dirty = True
         log.info("knowledge.document_added", document_id=doc.id, passages=len(labels))
@@ -189,6 +223,9 @@ class KnowledgeService:
                 return False
             # Results are read back from SQLite, so a search racing this never returns the
             # deleted passages even before they are marked deleted here.
+            found, vectors = index.vectors(labels)
+            for label, vector in zip(found.tolist(), vectors, strict=True):
+                self.languages.remove(label, vector)
             for label in labels:
                 index.mark_deleted(int(label))
             self.live -= len(labels)
@@ -198,21 +235,34 @@ class KnowledgeService:
 
     # -- search -----------------------------------------------------------------------------
 
-    async def search(self, question: str, k: int) -> list[Scored]:
+    async def search(self, question: str, k: int) -> Retrieved:
         vector = (await self._embed([question], query=True))[0]
-        return await asyncio.to_thread(self._search_vector, vector, k)
+        return await asyncio.to_thread(self._search_vector, vector, k, language_of(question))
 
-    def _search_vector(self, vector: np.ndarray, k: int) -> list[Scored]:
+    def _search_vector(self, vector: np.ndarray, k: int, language: str) -> Retrieved:
         store, index = self._require()
+        debias = self.languages.debias()
+        if debias is None:
+            hits = self._cosine_hits(index, vector, k)
+        else:
+            query = centred_query(debias, vector, language)
+            candidates = self._cosine_hits(index, walk_query(debias, query), candidate_pool(k))
+            hits = centred_hits(debias, query, candidates, index.vectors, self.languages, k)
+        passages = store.passages([h.label for h in hits])
+        return Retrieved(
+            [Scored(passages[h.label], h.score) for h in hits if h.label in passages],
+            "cosine" if debias is None else "language_centred",
+        )
+
+    def _cosine_hits(self, index: VectorIndex, vector: np.ndarray, k: int) -> list[Hit]:
+        ef = self.settings.hnsw_ef_search
         want = min(k, self.live)
         if want <= 0:
             return []
         try:
-            hits = index.search(vector, want, ef=self.settings.hnsw_ef_search, candidates=self.live)
+            return index.search(vector, want, ef=ef, candidates=self.live)
         except SearchIncomplete:
-            hits = index.search(vector, want, ef=max(want, self.settings.hnsw_ef_search * 4))
-        passages = store.passages([h.label for h in hits])
-        return [Scored(passages[h.label], h.score) for h in hits if h.label in passages]
+            return index.search(vector, want, ef=max(want, ef * 4))
 
     def _require(self) -> tuple[KnowledgeStore, VectorIndex]:
         if self.store is None or self.index is None:

@@ -210,6 +210,30 @@ class KnowledgeStore:
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
             yield labels, vectors.reshape(len(rows), self.dim).astype(np.float32)
 
+    def iter_passage_texts(
+        self, batch: int = 2_000
+    ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+        """(labels, passage texts, vectors) of every passage, a batch at a time."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    'SELECT c.label, substr(d.text, c.start + 1, c."end" - c.start), c.embedding '
+                    "FROM chunks c JOIN documents d ON d.id = c.document_id "
+                    "WHERE c.label > ? ORDER BY c.label LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            labels = np.asarray([r[0] for r in rows], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
+            yield (
+                labels,
+                [r[1] for r in rows],
+                vectors.reshape(len(rows), self.dim).astype(np.float32),
+            )
+
     # -- internals ------------------------------------------------------------------------
 
     def _bump_seq(self) -> None:

@@ -39,6 +39,10 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
         "MEDSERVE_CASES_MAX_BATCH": "16",
         "MEDSERVE_CASES_MAX_K": str(MAX_K),
         "MEDSERVE_SERVER_MAX_BODY_BYTES": "65536",
+        # Plain cosines, so searches can be checked against numpy brute force on the embeddings
+        # the server returns; language-centred search is tested in test_bilingual_retrieval.py
+        # and tests/unit/test_case_languages.py (with filters).
+        "MEDSERVE_CASES_LANGUAGE_CENTRING": "false",
         **extra,
     }
 
@@ -182,6 +186,8 @@ def test_filters_equal_brute_force(server: ServerProcess) -> None:
     passages = _embed(server, [c["text"] for c in _FILTER_CASES], "passage")
     query_text = "acute chest pain"
     query = _embed(server, [query_text], "query")[0]
+    plain = _post(server, "/v1/cases/search", {"text": query_text, "k": 1}).json()
+    assert plain["scoring"] == "cosine", "language_centring = false is honoured"
     for f in _FILTERS:
         f = {"department": _FILTER_DEPARTMENTS, **f}
         rows = [i for i, c in enumerate(_FILTER_CASES) if _matches(c, f)]

@@ -26,7 +26,7 @@ def test_set_is_consistent(data: dict) -> None:
     assert len(data["passages"]) >= 16 and len(data["questions"]) >= 32
     # Every language is what the server's detector would say, so the debias step sees the
     # same languages in production as in this evaluation.
-    for section in ("passages", "questions", "cases", "case_queries"):
+    for section in ("passages", "questions", "cases", "case_queries", "unrelated_questions"):
         for item in data[section]:
             assert detect_language(item["text"]) == item["lang"], item["id"]
 
@@ -60,6 +60,17 @@ def test_debiasing_reaches_the_measured_figures(report: dict) -> None:
         assert deb["passages"][split]["recall@5"] >= 0.85, split
     assert deb["cases"]["all"]["pass_rate"] >= 0.7
     assert deb["cases"]["all"]["pass_rate"] > base["cases"]["all"]["pass_rate"] + 0.5
+
+
+def test_default_refusal_threshold_separates_answerable_from_unrelated(report: dict) -> None:
+    """KnowledgeSettings.min_score_centred sits between the worst answerable question and the
+    best unrelated one on the centred scale (RESULTS.md#refusal-threshold)."""
+    from medserve.server.settings import KnowledgeSettings
+
+    refusal = report["debiased"]["refusal"]
+    threshold = KnowledgeSettings().min_score_centred
+    assert refusal["unrelated_max"] < threshold
+    assert threshold < min(refusal["answerable_same_min"], refusal["answerable_cross_min"])
 
 
 def test_debias_removes_a_language_offset_exactly() -> None:
