@@ -195,20 +195,9 @@ class KnowledgeStore:
             rows = self._db.execute("SELECT label FROM chunks").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
-    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        last = 0
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT label, embedding FROM chunks WHERE label > ? ORDER BY label LIMIT ?",
-                    (last, batch),
-                ).fetchall()
-            if not rows:
-                return
-            last = int(rows[-1][0])
-            labels = np.asarray([r[0] for r in rows], dtype=np.int64)
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
-            yield labels, vectors.reshape(len(rows), self.dim).astype(np.float32)
+    def iter_vectors(self, batch: int = 2_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for labels, _, vectors in self.iter_passage_texts(batch):
+            yield labels, vectors
 
     def iter_passage_texts(
         self, batch: int = 2_000

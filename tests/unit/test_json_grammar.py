@@ -17,6 +17,7 @@ from medserve.server.clinical.schemas import DISCHARGE_SCHEMA, SYMPTOMS_SCHEMA, 
 from medserve.server.structured_output import tool_call_schema
 
 from tests.conftest import BUNDLED_MODEL
+from tests.integration.test_structured_output import FINDINGS
 
 
 def _regex(low: int, high: int) -> re.Pattern[str]:
@@ -54,24 +55,6 @@ def test_integer_patterns_match_exactly_the_range() -> None:
 )
 def test_uncovered_keywords_fall_back_to_the_engine_compiler(schema: Any) -> None:
     assert compact_json_grammar(schema) is None
-
-
-FINDINGS = {
-    "type": "object",
-    "properties": {
-        "symptoms": {
-            "type": "array",
-            "items": {"type": "string", "maxLength": 40},
-            "minItems": 1,
-            "maxItems": 4,
-        },
-        "duration_days": {"type": "integer", "minimum": 0, "maximum": 365},
-        "severity": {"enum": ["mild", "moderate", "severe"]},
-        "fever": {"type": "boolean"},
-    },
-    "required": ["symptoms", "duration_days", "severity", "fever"],
-    "additionalProperties": False,
-}
 
 
 class _Tool:
