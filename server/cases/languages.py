@@ -144,6 +144,23 @@ def walk_query(debias: LanguageDebias, centred: np.ndarray) -> np.ndarray:
     return (walk / norm).astype(np.float32) if norm > 1e-6 else centred
 
 
+def centred_search(
+    debias: LanguageDebias,
+    vector: np.ndarray,
+    query_lang: str,
+    k: int,
+    walk: Callable[[np.ndarray, int], list[Hit]],
+    vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    languages: CollectionLanguages,
+) -> list[Hit]:
+    """The k best stored texts by centred cosine: ``walk(query, n)`` (the collection's plain
+    graph search, with its filters) gives ``candidate_pool(k)`` candidates for the
+    ``walk_query``; they are rescored exactly (see module doc)."""
+    query = centred_query(debias, vector, query_lang)
+    candidates = walk(walk_query(debias, query), candidate_pool(k))
+    return centred_hits(debias, query, candidates, vectors_of, languages, k)
+
+
 def centred_hits(
     debias: LanguageDebias,
     query: np.ndarray,

@@ -48,11 +48,8 @@ from medserve.server.cases.index import (
 from medserve.server.cases.languages import (
     CollectionLanguages,
     Scoring,
-    candidate_pool,
-    centred_hits,
-    centred_query,
+    centred_search,
     language_of,
-    walk_query,
 )
 from medserve.server.cases.store import CaseRecord, CaseStore, Written
 from medserve.server.settings import CasesSettings
@@ -353,12 +350,16 @@ class CaseService:
         if debias is None:
             hits = self._search_hits(vector, k, filters, exclude)
         else:
-            query = centred_query(debias, vector, language or "")
-            candidates = self._search_hits(
-                walk_query(debias, query), candidate_pool(k), filters, exclude
+            hits = centred_search(
+                debias,
+                vector,
+                language or "",
+                k,
+                lambda query, n: self._search_hits(query, n, filters, exclude),
+                # SQLite reads vectors faster than hnswlib's get_items (~8 vs ~50 us each).
+                self._store().vectors,
+                self.languages,
             )
-            # SQLite reads the candidates' vectors faster than hnswlib's get_items (~8 vs ~50 us).
-            hits = centred_hits(debias, query, candidates, self._store().vectors, self.languages, k)
         records = self._store().get_labels([h.label for h in hits])
         return [Match(records[h.label], h.score) for h in hits if h.label in records]
 

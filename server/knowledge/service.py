@@ -36,11 +36,8 @@ from medserve.server.cases.index import (
 from medserve.server.cases.languages import (
     CollectionLanguages,
     Scoring,
-    candidate_pool,
-    centred_hits,
-    centred_query,
+    centred_search,
     language_of,
-    walk_query,
 )
 from medserve.server.knowledge.chunking import Chunk, chunk_text, embedding_text
 from medserve.server.knowledge.store import Document, KnowledgeStore, Passage
@@ -245,9 +242,15 @@ class KnowledgeService:
         if debias is None:
             hits = self._cosine_hits(index, vector, k)
         else:
-            query = centred_query(debias, vector, language)
-            candidates = self._cosine_hits(index, walk_query(debias, query), candidate_pool(k))
-            hits = centred_hits(debias, query, candidates, index.vectors, self.languages, k)
+            hits = centred_search(
+                debias,
+                vector,
+                language,
+                k,
+                lambda query, n: self._cosine_hits(index, query, n),
+                index.vectors,
+                self.languages,
+            )
         passages = store.passages([h.label for h in hits])
         return Retrieved(
             [Scored(passages[h.label], h.score) for h in hits if h.label in passages],
