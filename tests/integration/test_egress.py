@@ -45,6 +45,17 @@ def attempt(fn):
     except OSError as exc:
         return type(exc).__name__
 
+def loopback_attempt():
+    # The loop runs before uvicorn has bound its socket: a refusal then means "not listening
+    # yet", not "blocked", so retry refusals for a while; EgressBlocked is returned at once.
+    port = int(os.environ["MEDSERVE_SERVER_PORT"])
+    deadline = time.monotonic() + 60
+    while True:
+        result = attempt(lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close())
+        if result != "ConnectionRefusedError" or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
 def probe():
     loop = server_loop()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,11 +69,7 @@ def probe():
                 loop.create_connection(asyncio.Protocol, "203.0.113.5", 80), loop
             ).result(10)
         ),
-        "loopback_connect": attempt(
-            lambda: socket.create_connection(
-                ("127.0.0.1", int(os.environ["MEDSERVE_SERVER_PORT"])), timeout=2
-            ).close()
-        ),
+        "loopback_connect": loopback_attempt(),
     }
     with open(os.environ["EGRESS_PROBE_OUT"], "w") as out:
         json.dump(results, out)
@@ -82,7 +89,7 @@ def test_outbound_attempts_in_the_server_are_refused_and_logged(tmp_path: Path) 
     with start_server(
         tmp_path, env, command=[sys.executable, "-c", PROBE], netguard=False
     ) as server:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         results = json.loads(out.read_text())
