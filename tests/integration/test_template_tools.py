@@ -32,11 +32,11 @@ from medserve.server.schemas import Tool
 from medserve.server.structured_output import tools_instruction
 from transformers import AutoTokenizer
 
+from tests.chatglm_tool_conversation import official_tool_conversation
 from tests.conftest import BUNDLED_MODEL
 from tests.integration.test_structured_output import LAB_TOOL, WARD_TOOL
 from tests.server_process import ServerProcess
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm"
 GLM4 = "tiny-glm4-chatglm-fp16"
 CHATGLM3 = "tiny-chatglm3-fp16"
 GLM4_HF = "tiny-glm4-hf-fp16"  # template reads a ``tools`` variable: the generic path
@@ -104,43 +104,19 @@ def _hf_prompt(folder: Path, messages: list[dict[str, Any]]) -> tuple[str, int]:
     return text, len(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _official_tool_conversation(model: str) -> tuple[list[dict[str, Any]], list[dict], int]:
-    """The fixture's tool conversation as an OpenAI client sends it (messages, tools), and the
-    number of ids the official tokenizer builds for it."""
-    conversation = json.loads(
-        (DATA / f"tokenizer_{FAMILY[model]}.json").read_text(encoding="utf-8")
-    )["conversations"]["tools"]
-    system, user, call, observation = conversation["messages"]
-    tools = [
-        tool if "function" in tool else {"type": "function", "function": tool}
-        for tool in system["tools"]
-    ]
-    messages = [{"role": "system", "content": system["content"]}] if system["content"] else []
-    messages += [
-        {"role": "user", "content": user["content"]},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": call["metadata"], "arguments": call["content"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": observation["content"]},
-    ]
-    return messages, tools, len(conversation["ids"])
-
-
 @pytest.mark.parametrize("model", [GLM4, CHATGLM3])
 def test_tool_conversation_prompt_is_the_official_one(
     model: str, tools_server: ServerProcess
 ) -> None:
-    messages, tools, num_official_ids = _official_tool_conversation(model)
-    body = _chat(tools_server, model, messages=messages, tools=tools, tool_choice="auto")
-    assert body["usage"]["prompt_tokens"] == num_official_ids
+    conversation = official_tool_conversation(FAMILY[model])
+    body = _chat(
+        tools_server,
+        model,
+        messages=conversation.messages,
+        tools=conversation.tools,
+        tool_choice="auto",
+    )
+    assert body["usage"]["prompt_tokens"] == conversation.num_official_ids
     message = body["choices"][0]["message"]
     assert message["content"] is not None or message["tool_calls"]
 

@@ -7,9 +7,6 @@ conversation (tests/data/chatglm), not against a copy of the template's own logi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import msgspec
 import pytest
 from medserve.accel.chat_template import ChatTemplate, message_tools_shape, template_messages
@@ -21,7 +18,8 @@ from medserve.server.schemas import Message, Tool
 from medserve.server.structured_output import parse_template_call, template_tool
 from medserve.server.tool_calls import ToolCalls, chat_turns
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "chatglm"
+from tests.chatglm_tool_conversation import official_tool_conversation
+
 LAB = msgspec.convert(
     {
         "type": "function",
@@ -145,29 +143,12 @@ def test_assistant_calls_stay_calls_only_for_template_tools() -> None:
 def test_openai_conversation_renders_as_the_official_glm4_prompt() -> None:
     """An OpenAI tools request, through the server's conversion and the GLM-4 template, is
     the prompt the official GLM-4-9B-chat tokenizer builds for the same conversation."""
-    fixture = json.loads((DATA / "tokenizer_glm4-chatglm.json").read_text(encoding="utf-8"))
-    conversation = fixture["conversations"]["tools"]
-    system, user, call, observation = conversation["messages"]
-    tools = [msgspec.convert(tool, Tool) for tool in system["tools"]]
-    openai_messages = [
-        {"role": "user", "content": user["content"]},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": call["metadata"], "arguments": call["content"]},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": observation["content"]},
-    ]
-    turns = chat_turns([msgspec.convert(m, Message) for m in openai_messages], True)
+    conversation = official_tool_conversation("glm4-chatglm")
+    tools = [msgspec.convert(tool, Tool) for tool in conversation.tools]
+    turns = chat_turns([msgspec.convert(m, Message) for m in conversation.messages], True)
     messages = template_messages(turns, [template_tool(t) for t in tools], "openai")
     prompt = ChatTemplate(GLM4_CHATGLM_TEMPLATE).render(messages)
-    assert prompt == conversation["prompt"]
+    assert prompt == conversation.official_prompt
     assert "\n## get_dose\n" in prompt and "<|observation|>" in prompt
 
 
