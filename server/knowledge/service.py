@@ -97,6 +97,7 @@ class KnowledgeService:
         )
         self.store = store
         live = store.labels()
+        rebuilding = False
         try:
             index, seq = VectorIndex.load(self.directory, self.params)
             if seq != store.current_seq():
@@ -108,10 +109,11 @@ class KnowledgeService:
             level = log.warning if len(live) else log.info
             level("knowledge.index_rebuild", reason=str(exc), passages=len(live))
             index = VectorIndex.create(self.params, capacity=max(1024, len(live) * 2))
-            for labels, vectors in store.iter_vectors():
-                index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
-            self._dirty = True
+            rebuilding = self._dirty = True
+        # One read of the passages serves the language means and, when needed, the rebuild.
         for labels, texts, vectors in store.iter_passage_texts():
+            if rebuilding:
+                index.add(vectors, labels, existing=np.zeros(len(labels), dtype=bool))
             self.languages.put(labels, vectors, [language_of(t) for t in texts])
         self.index = index
         self.live = len(live)

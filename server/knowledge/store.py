@@ -195,10 +195,6 @@ class KnowledgeStore:
             rows = self._db.execute("SELECT label FROM chunks").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
-    def iter_vectors(self, batch: int = 2_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for labels, _, vectors in self.iter_passage_texts(batch):
-            yield labels, vectors
-
     def iter_passage_texts(
         self, batch: int = 2_000
     ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
