@@ -19,6 +19,7 @@ to GenAI's own schema compiler, whitespace and all: never an unenforced keyword.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -27,11 +28,12 @@ from typing import Any
 _ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment"}
 )
+_NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _KNOWN = _ANNOTATIONS | {
     *("type", "enum", "const", "anyOf"),
     *("properties", "required", "additionalProperties"),
     *("items", "minItems", "maxItems", "minLength", "maxLength"),
-    *("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"),
+    *_NUMBER_BOUNDS,
 }
 # A JSON integer the model may write without bounds: at most 16 digits, so it cannot spend
 # max_tokens on one number.
@@ -174,9 +176,7 @@ class _Builder:
         if kind == "integer":
             return self._integer(schema)
         if kind == "number":
-            if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum")) or (
-                "exclusiveMaximum" in schema
-            ):
+            if any(k in schema for k in _NUMBER_BOUNDS):
                 raise _Unsupported("bounded number")
             return self.base("number")
         if kind == "boolean":
@@ -229,7 +229,7 @@ class _Builder:
         for i in range(len(members) - 1, 0, -1):
             rule, needed = members[i]
             step = f'"," {rule}' if needed else f'("," {rule})?'
-            tail[i] = self.rule(f"{step} {tail[i + 1]}".strip()) if step else tail[i + 1]
+            tail[i] = self.rule(f"{step} {tail[i + 1]}".strip())
         # head[i]: the first written member is i or later.
         head = ""
         for i in range(len(members) - 1, -1, -1):
@@ -258,7 +258,7 @@ class _Builder:
         return self.rule(f'"[" {body} "]"' if low >= 1 else f'"[" ({body})? "]"')
 
     def _string(self, schema: Mapping[str, Any]) -> str:
-        for keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        for keyword in _NUMBER_BOUNDS:
             if keyword in schema:
                 raise _Unsupported(f"{keyword} on a string")
         low = int(schema.get("minLength", 0))
@@ -273,13 +273,13 @@ class _Builder:
     def _integer(self, schema: Mapping[str, Any]) -> str:
         low, high = -_BOUND, _BOUND
         if "minimum" in schema:
-            low = max(low, _ceil(schema["minimum"]))
+            low = max(low, math.ceil(schema["minimum"]))
         if "exclusiveMinimum" in schema:
-            low = max(low, _floor(schema["exclusiveMinimum"]) + 1)
+            low = max(low, math.floor(schema["exclusiveMinimum"]) + 1)
         if "maximum" in schema:
-            high = min(high, _floor(schema["maximum"]))
+            high = min(high, math.floor(schema["maximum"]))
         if "exclusiveMaximum" in schema:
-            high = min(high, _ceil(schema["exclusiveMaximum"]) - 1)
+            high = min(high, math.ceil(schema["exclusiveMaximum"]) - 1)
         if (low, high) == (-_BOUND, _BOUND):
             return self.base("integer")
         if low > high:
@@ -318,14 +318,6 @@ def _json_type(value: Any) -> str:
 
 def _is_integer_of(value: Any, kinds: set[str]) -> bool:
     return "integer" in kinds and isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ceil(x: float) -> int:
-    return int(x) if x == int(x) else int(x) + (x > 0)
-
-
-def _floor(x: float) -> int:
-    return int(x) if x == int(x) else int(x) - (x < 0)
 
 
 # -- integer ranges -------------------------------------------------------------------------
