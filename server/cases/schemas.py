@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from medserve.server.cases.filters import Filters
+from medserve.server.cases.languages import Scoring
 from medserve.server.cases.store import CaseRecord
 
 CaseId = Annotated[
@@ -136,7 +137,7 @@ class CaseMatch(msgspec.Struct):
 class CaseMatchList(msgspec.Struct):
     object: Literal["list"]
     data: list[CaseMatch]
-    scoring: Literal["cosine", "language_centred"] | None = None
+    scoring: Scoring | None = None
     """What ``score`` is: plain cosine, or language-centred cosine once Chinese and English
     cases are both stored (server/cases/languages.py)."""
 

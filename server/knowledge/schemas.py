@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+from medserve.server.cases.languages import Scoring
 
 Short = Annotated[str, msgspec.Meta(max_length=512)]
 
@@ -101,7 +102,7 @@ class AnswerOut(msgspec.Struct):
     model: str | None = None
     reason: str | None = None
     usage: AnswerUsage | None = None
-    scoring: Literal["cosine", "language_centred"] | None = None
+    scoring: Scoring | None = None
     """What the scores are: plain cosine, or language-centred cosine once Chinese and English
     passages are both stored (another scale, with its own default threshold)."""
     min_score: float | None = None
